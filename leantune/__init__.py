@@ -1,0 +1,37 @@
+"""leantune: parameter- and memory-efficient fine-tuning, every method a point in one design space."""
+
+__version__ = "0.1.0"
+
+from . import methods as _methods  # noqa: E402,F401  (registers every method)
+from .api import (  # noqa: E402
+    adapt,
+    adapters,
+    delete_adapter,
+    disabled,
+    merge,
+    set_active,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+from .methods import LoRA  # noqa: E402
+from .registry import get_method, methods, register  # noqa: E402
+from .storage import load_adapter, save_adapter  # noqa: E402
+
+__all__ = [
+    "LoRA",
+    "adapt",
+    "adapters",
+    "delete_adapter",
+    "disabled",
+    "get_method",
+    "load_adapter",
+    "merge",
+    "methods",
+    "register",
+    "save_adapter",
+    "set_active",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+]

@@ -1,0 +1,88 @@
+"""The base of every method's config: where it acts and what else trains."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import nn
+
+from .core.site import Delta
+from .core.weights import WEIGHT_TYPES
+
+TASK_HEADS = {
+    "seq-cls": ("classifier", "score"),
+    "token-cls": ("classifier", "score"),
+    "qa": ("qa_outputs",),
+}
+TASKS = (*TASK_HEADS, "causal-lm", "seq2seq-lm", "feature")
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method accepts.
+
+    targets: module-name suffixes, a full-match regex, or ``"all-linear"``;
+        ``None`` means the method's default.
+    exclude: modules to leave alone, same forms as ``targets``.
+    modules_to_save: modules trained in full as a copy (e.g. a new head).
+    task: ``"seq-cls"``/``"token-cls"``/``"qa"`` add the usual heads to
+        ``modules_to_save``; ``"causal-lm"``, ``"seq2seq-lm"``, ``"feature"`` are recorded.
+    """
+
+    targets: str | list[str] | None = None
+    exclude: str | list[str] | None = None
+    modules_to_save: list[str] | None = None
+    task: str | None = None
+
+    name: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = False
+    peft_type: ClassVar[str | None] = None
+    default_targets: ClassVar[str | list[str]] = "all-linear"
+    site_types: ClassVar[tuple[type, ...]] = WEIGHT_TYPES
+
+    def __post_init__(self) -> None:
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if isinstance(self.targets, tuple):
+            self.targets = list(self.targets)
+
+    # --- the preset -----------------------------------------------------------
+    def prepare(self, model: nn.Module, paths: list[str], calibration: Iterable[dict] | None) -> None:
+        """Read the model (and calibration data) once before deltas are made."""
+
+    def make_delta(self, path: str, module: nn.Module) -> Delta:
+        """The delta this method attaches at ``path``."""
+        raise NotImplementedError
+
+    # --- helpers shared by every method ----------------------------------------
+    def resolved_targets(self) -> str | list[str]:
+        return self.default_targets if self.targets is None else self.targets
+
+    def head_modules(self) -> list[str]:
+        """``modules_to_save`` plus the heads its task implies."""
+        extra = list(TASK_HEADS.get(self.task or "", ()))
+        return list(dict.fromkeys([*(self.modules_to_save or []), *extra]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.name, **dataclasses.asdict(self)}
+
+    @classmethod
+    def field_docs(cls) -> list[tuple[str, str, Any]]:
+        """(name, type, default) of every field, for ``leantune methods``."""
+        out = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+            )
+            out.append((f.name, str(f.type), default))
+        return out
+
+
+def config_field(default: Any, **kwargs: Any) -> Any:
+    """A dataclass field whose mutable default is copied per instance."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), **kwargs)
+    return field(default=default, **kwargs)

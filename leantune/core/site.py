@@ -1,0 +1,198 @@
+"""Sites: the one place where a delta meets the base model.
+
+A :class:`Site` wraps a module of the base model in place (same attribute path)
+and holds the named deltas attached to it. Every method reuses the same three
+hooks of :class:`Delta` — change the input, swap the module that runs, compose
+with the output — so merge, unmerge, disable, multi-adapter activation and dtype
+handling are written here once instead of once per method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class Delta(nn.Module):
+    """A trainable change to one base module, addressed by adapter name.
+
+    Subclasses override only the hooks they need. ``base`` is passed in, never
+    stored, so the base's parameters are not duplicated in the state dict.
+    """
+
+    mergeable: bool = False
+
+    def pre(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Transform the site's input before the base runs (input sites)."""
+        return x
+
+    def module(self, base: nn.Module) -> nn.Module:
+        """The module that computes the site's output (``replace`` composition)."""
+        return base
+
+    def post(self, base: nn.Module, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Compose with the base output ``h``; ``x`` is the site's original input."""
+        return h
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor | None:
+        """The additive change to ``base.weight`` (fp32), for forms linear in the weight."""
+        return None
+
+    def merge(self, base: nn.Module) -> None:
+        """Fold the delta into the base's weights. Additive forms need not override."""
+        dw = self._require_delta_weight(base)
+        base.weight.data += dw.to(base.weight.dtype)
+
+    def unmerge(self, base: nn.Module) -> None:
+        """Undo :meth:`merge`."""
+        dw = self._require_delta_weight(base)
+        base.weight.data -= dw.to(base.weight.dtype)
+
+    def _require_delta_weight(self, base: nn.Module) -> torch.Tensor:
+        dw = self.delta_weight(base)
+        if dw is None:
+            raise TypeError(f"{type(self).__name__} cannot be merged into the base weights")
+        return dw
+
+
+def _split_output(out):
+    """Return (main tensor, rebuild function) for modules returning tuples."""
+    if isinstance(out, tuple):
+        return out[0], lambda h: (h, *out[1:])
+    return out, lambda h: h
+
+
+class Site(nn.Module):
+    """A base module plus the named deltas attached to it."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.deltas = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+
+    # Code that reads module attributes (tied weights, config checks) keeps working.
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in {"base", "deltas"}:
+                raise
+            return getattr(super().__getattr__("base"), name)
+
+    def live_deltas(self) -> list[Delta]:
+        """The deltas that take part in the forward pass right now."""
+        if self.disabled:
+            return []
+        return [self.deltas[n] for n in self.active if n in self.deltas and n not in self.merged]
+
+    def forward(self, *args, **kwargs):
+        live = self.live_deltas()
+        if not live:
+            return self.base(*args, **kwargs)
+        x, args, kwargs = self._take_input(args, kwargs)
+        for d in live:
+            x = d.pre(self.base, x)
+        runner = self.base
+        for d in live:
+            runner = d.module(runner)
+        out = runner(x, *args, **kwargs)
+        h, rebuild = _split_output(out)
+        original_input = x
+        for d in live:
+            h = d.post(self.base, original_input, h)
+        return rebuild(h)
+
+    @staticmethod
+    def _take_input(args: tuple, kwargs: dict):
+        if args:
+            return args[0], args[1:], kwargs
+        for key in ("hidden_states", "input", "x", "input_ids"):
+            if key in kwargs:
+                kwargs = dict(kwargs)
+                return kwargs.pop(key), (), kwargs
+        raise TypeError("leantune Site: could not find the module's input tensor in its call arguments")
+
+    # --- merge / unmerge, written once for every method -------------------------
+    def merge(self, names: list[str] | None = None) -> None:
+        for name in names if names is not None else list(self.active):
+            if name in self.merged or name not in self.deltas:
+                continue
+            delta = self.deltas[name]
+            if not delta.mergeable:
+                raise TypeError(
+                    f"adapter '{name}' ({type(delta).__name__}) cannot be merged: its form is not "
+                    "linear in the base weights; keep it unmerged or unload it"
+                )
+            with torch.no_grad():
+                delta.merge(self.base)
+            self.merged.append(name)
+
+    def unmerge(self) -> None:
+        with torch.no_grad():
+            while self.merged:
+                name = self.merged.pop()
+                self.deltas[name].unmerge(self.base)
+
+
+def iter_sites(model: nn.Module) -> Iterator[tuple[str, Site]]:
+    """(path, site) for every site in the model."""
+    for name, module in model.named_modules():
+        if isinstance(module, Site):
+            yield name, module
+
+
+def iter_base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Named modules as the user sees them: a site counts as the module it wraps."""
+    for name, child in model.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, Site):
+            yield path, child.base
+        else:
+            yield path, child
+            yield from iter_base_modules(child, path)
+
+
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, attr = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), attr
+
+
+def site_at(model: nn.Module, path: str) -> Site:
+    """The site at ``path``, wrapping the module there first if needed."""
+    module = model.get_submodule(path)
+    if isinstance(module, Site):
+        return module
+    parent, attr = _parent(model, path)
+    site = Site(module)
+    setattr(parent, attr, site)
+    return site
+
+
+def remove_site(model: nn.Module, path: str) -> None:
+    """Put the wrapped base module back at ``path``."""
+    site = model.get_submodule(path)
+    parent, attr = _parent(model, path)
+    setattr(parent, attr, site.base)
+
+
+@contextmanager
+def all_disabled(model: nn.Module) -> Iterator[None]:
+    """Every site runs its base module only (merged deltas are unfolded meanwhile)."""
+    sites = [s for _, s in iter_sites(model)]
+    remerge = {id(s): list(s.merged) for s in sites}
+    for s in sites:
+        s.unmerge()
+        s.disabled = True
+    try:
+        yield
+    finally:
+        for s in sites:
+            s.disabled = False
+            if remerge[id(s)]:
+                s.merge(remerge[id(s)])

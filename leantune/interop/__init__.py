@@ -1,0 +1,1 @@
+"""Formats of other libraries: HF PEFT adapter folders."""
