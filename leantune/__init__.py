@@ -14,11 +14,12 @@ from .api import (  # noqa: E402
     unload,
     unmerge,
 )
-from .methods import LoRA  # noqa: E402
+from .methods import Compose, LoRA  # noqa: E402
 from .registry import get_method, methods, register  # noqa: E402
 from .storage import load_adapter, save_adapter  # noqa: E402
 
 __all__ = [
+    "Compose",
     "LoRA",
     "adapt",
     "adapters",

@@ -14,8 +14,17 @@ import torch
 from torch import nn
 
 from .config import MethodConfig
-from .core.forms import Replace
-from .core.site import Delta, Site, all_disabled, iter_base_modules, iter_sites, remove_site, site_at
+from .core.forms import Replace, Stack
+from .core.site import (
+    Delta,
+    Site,
+    all_disabled,
+    base_module,
+    iter_base_modules,
+    iter_sites,
+    remove_site,
+    site_at,
+)
 from .core.targets import name_matches, resolve_targets
 from .registry import get_method, methods
 
@@ -111,18 +120,25 @@ def adapt(
     if any(site.merged for _, site in iter_sites(model)):
         raise RuntimeError("unmerge(model) before attaching a new adapter: merged weights would be adapted twice")
     heads = _resolve_heads(model, config, strict=_strict_heads)
-    paths = resolve_targets(
-        model, config.resolved_targets(), config.exclude, config.site_types, skip=set(heads), method=config.name
-    )
-    config.prepare(model, paths, calibration)
+    plan = []
+    for part in config.components():
+        part_paths = resolve_targets(
+            model, part.resolved_targets(), part.exclude, part.site_types, skip=set(heads), method=part.name
+        )
+        part.prepare(model, part_paths, calibration)
+        plan.append((part, part_paths))
     for p in model.parameters():
         p.requires_grad_(False)
-    for path in paths:
-        site = site_at(model, path)
-        _attach(site, name, config.make_delta(path, site.base))
+    deltas: dict[str, list[Delta]] = {}
+    for part, part_paths in plan:
+        for path in part_paths:
+            deltas.setdefault(path, []).append(part.make_delta(path, base_module(model, path)))
     for path in heads:
+        deltas[path] = [Replace(base_module(model, path))]
+    for path, made in deltas.items():
         site = site_at(model, path)
-        _attach(site, name, Replace(site.base))
+        _attach(site, name, made[0] if len(made) == 1 else Stack(made))
+    paths = [p for p in deltas if p not in heads]
     state.adapters[name] = AdapterRecord(config, paths, heads)
     return model
 

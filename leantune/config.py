@@ -50,6 +50,10 @@ class MethodConfig:
             self.targets = list(self.targets)
 
     # --- the preset -----------------------------------------------------------
+    def components(self) -> list[MethodConfig]:
+        """The presets attached under one adapter name: itself, or a composition's parts."""
+        return [self]
+
     def prepare(self, model: nn.Module, paths: list[str], calibration: Iterable[dict] | None) -> None:
         """Read the model (and calibration data) once before deltas are made."""
 

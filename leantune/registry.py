@@ -7,6 +7,7 @@ import difflib
 from .config import MethodConfig
 
 _METHODS: dict[str, type[MethodConfig]] = {}
+_COMBINATORS: dict[str, type[MethodConfig]] = {}
 
 
 def register(cls: type[MethodConfig]) -> type[MethodConfig]:
@@ -17,6 +18,20 @@ def register(cls: type[MethodConfig]) -> type[MethodConfig]:
         raise ValueError(f"method {cls.name!r} is already registered")
     _METHODS[cls.name] = cls
     return cls
+
+
+def register_combinator(cls: type[MethodConfig]) -> type[MethodConfig]:
+    """Class decorator for configs built from other configs (``Compose``): loadable, not a method."""
+    _COMBINATORS[cls.name] = cls
+    return cls
+
+
+def config_from_dict(saved: dict) -> MethodConfig:
+    """Rebuild a config from ``MethodConfig.to_dict()`` output."""
+    fields = dict(saved)
+    name = fields.pop("method")
+    cls = _COMBINATORS.get(name) or get_method(name)
+    return cls(**fields)
 
 
 def methods() -> dict[str, type[MethodConfig]]:

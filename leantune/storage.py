@@ -22,7 +22,7 @@ from . import __version__
 from .api import adapt, adapter_paths, adapters, delete_adapter
 from .config import MethodConfig
 from .interop.peft_format import PREFIX, adapter_config, config_from_peft, peft_key
-from .registry import get_method
+from .registry import config_from_dict
 
 WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -105,9 +105,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
 def read_adapter_config(folder: Path) -> MethodConfig:
     """The leantune config stored in an adapter folder (leantune's or HF PEFT's)."""
     if (folder / LEANTUNE_CONFIG).is_file():
-        saved = json.loads((folder / LEANTUNE_CONFIG).read_text())
-        fields = dict(saved["config"])
-        return get_method(fields.pop("method"))(**fields)
+        return config_from_dict(json.loads((folder / LEANTUNE_CONFIG).read_text())["config"])
     if (folder / PEFT_CONFIG).is_file():
         return config_from_peft(json.loads((folder / PEFT_CONFIG).read_text()))
     raise FileNotFoundError(

@@ -55,3 +55,26 @@ def test_unload_gives_back_the_plain_model_with_its_flags():
     assert set(model.state_dict()) == set(base.state_dict())
     assert all(p.requires_grad for p in model.parameters())
     assert not hasattr(model, "leantune")
+
+
+def test_a_composed_method_trains_saves_loads_and_merges_like_a_built_in(tmp_path):
+    import copy
+
+    import torch
+
+    from .harness import train_steps
+    from .models import batch, outputs
+
+    base = tiny_llama()
+    composed = lt.Compose([lt.LoRA(r=2, targets=["q_proj", "v_proj"]), lt.LoRA(r=4, alpha=16, targets=["v_proj", "up_proj"])])
+    model = lt.adapt(copy.deepcopy(base), composed)
+    assert sorted({p.rsplit(".", 1)[-1] for p in paths(model)}) == ["q_proj", "up_proj", "v_proj"]
+    train_steps(model, "llama")
+    inputs = batch("llama", seed=3)
+    expected = outputs(model, inputs)
+    assert not torch.allclose(expected, outputs(base, inputs), atol=1e-6)
+    lt.save_adapter(model, tmp_path)
+    loaded = lt.load_adapter(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(outputs(loaded, inputs), expected, rtol=0, atol=0)
+    lt.merge(loaded)
+    torch.testing.assert_close(outputs(loaded, inputs), expected, rtol=0, atol=1e-4)

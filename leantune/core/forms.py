@@ -60,6 +60,14 @@ class LowRank(Delta):
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         return self.view.lowrank_weight(self.A.float(), self.B.float()) * self.scale
 
+    def fused_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(A, B, scale)`` when :meth:`post` is exactly ``scale · B A x`` on a Linear right
+        now (no dropout in play), so the engine may fuse it; ``None`` otherwise."""
+        dropping = self.training and isinstance(self.dropout, nn.Dropout)
+        if self.view.kind != "linear" or dropping or type(self).post is not LowRank.post:
+            return None
+        return self.A, self.B, self.scale
+
 
 class Replace(Delta):
     """A trainable copy that runs instead of the base module (HF PEFT's ``modules_to_save``)."""
@@ -84,3 +92,35 @@ class Replace(Delta):
         if self._originals is not None:
             base.load_state_dict(self._originals)
             self._originals = None
+
+
+class Stack(Delta):
+    """Several deltas of one adapter at one site (composed methods): hooks chain in order."""
+
+    def __init__(self, parts: list[Delta]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.mergeable = all(p.mergeable for p in parts)
+
+    def pre(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        for p in self.parts:
+            x = p.pre(base, x)
+        return x
+
+    def module(self, base: nn.Module) -> nn.Module:
+        for p in self.parts:
+            base = p.module(base)
+        return base
+
+    def post(self, base: nn.Module, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        for p in self.parts:
+            h = p.post(base, x, h)
+        return h
+
+    def merge(self, base: nn.Module) -> None:
+        for p in self.parts:
+            p.merge(base)
+
+    def unmerge(self, base: nn.Module) -> None:
+        for p in reversed(self.parts):
+            p.unmerge(base)

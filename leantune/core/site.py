@@ -15,6 +15,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..engine.lowrank_linear import fused_forward
+
 
 class Delta(nn.Module):
     """A trainable change to one base module, addressed by adapter name.
@@ -95,6 +97,10 @@ class Site(nn.Module):
         live = self.live_deltas()
         if not live:
             return self.base(*args, **kwargs)
+        if len(args) == 1 and not kwargs:  # the engine's fused path, where it applies
+            fused = fused_forward(self.base, live, args[0])
+            if fused is not None:
+                return fused
         x, args, kwargs = self._take_input(args, kwargs)
         for d in live:
             x = d.pre(self.base, x)
@@ -156,6 +162,12 @@ def iter_base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str,
         else:
             yield path, child
             yield from iter_base_modules(child, path)
+
+
+def base_module(model: nn.Module, path: str) -> nn.Module:
+    """The user's module at ``path`` (a site's wrapped module if there is one)."""
+    module = model.get_submodule(path)
+    return module.base if isinstance(module, Site) else module
 
 
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:

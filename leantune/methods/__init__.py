@@ -1,5 +1,6 @@
 """Every method: importing this package registers them."""
 
+from .compose import Compose
 from .lora import LoRA
 
-__all__ = ["LoRA"]
+__all__ = ["Compose", "LoRA"]
