@@ -2,7 +2,6 @@
 
 __version__ = "0.1.0"
 
-from . import methods as _methods  # noqa: E402,F401  (registers every method)
 from .api import (  # noqa: E402
     adapt,
     adapters,
@@ -14,13 +13,13 @@ from .api import (  # noqa: E402
     unload,
     unmerge,
 )
-from .methods import Compose, LoRA  # noqa: E402
+from .methods import *  # noqa: E402,F403  (every method's config class: lt.LoRA, ...)
+from .methods import __all__ as _method_classes  # noqa: E402
 from .registry import get_method, methods, register  # noqa: E402
 from .storage import load_adapter, save_adapter  # noqa: E402
 
 __all__ = [
-    "Compose",
-    "LoRA",
+    *_method_classes,
     "adapt",
     "adapters",
     "delete_adapter",

@@ -123,7 +123,7 @@ def adapt(
     plan = []
     for part in config.components():
         part_paths = resolve_targets(
-            model, part.resolved_targets(), part.exclude, part.site_types, skip=set(heads), method=part.name
+            model, part.resolved_targets(model), part.exclude, part.site_types, skip=set(heads), method=part.name
         )
         part.prepare(model, part_paths, calibration)
         plan.append((part, part_paths))

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from .core.families import role_targets
 from .core.site import Delta
 from .core.weights import WEIGHT_TYPES
 
@@ -25,7 +26,8 @@ class MethodConfig:
     """Fields every method accepts.
 
     targets: module-name suffixes, a full-match regex, or ``"all-linear"``;
-        ``None`` means the method's default.
+        ``"@role"`` entries (``@attn_v``, ``@ffn_out``, ...) name modules by their
+        role in common families (core/families.py); ``None`` means the method's default.
     exclude: modules to leave alone, same forms as ``targets``.
     modules_to_save: modules trained in full as a copy (e.g. a new head).
     task: ``"seq-cls"``/``"token-cls"``/``"qa"`` add the usual heads to
@@ -62,8 +64,15 @@ class MethodConfig:
         raise NotImplementedError
 
     # --- helpers shared by every method ----------------------------------------
-    def resolved_targets(self) -> str | list[str]:
-        return self.default_targets if self.targets is None else self.targets
+    def resolved_targets(self, model: nn.Module) -> str | list[str]:
+        """``targets`` (or the default) with ``@role`` entries expanded for this model family."""
+        chosen = self.default_targets if self.targets is None else self.targets
+        if isinstance(chosen, str):
+            return role_targets(model, chosen[1:], self.name) if chosen.startswith("@") else chosen
+        out: list[str] = []
+        for t in chosen:
+            out.extend(role_targets(model, t[1:], self.name) if t.startswith("@") else [t])
+        return list(dict.fromkeys(out))
 
     def head_modules(self) -> list[str]:
         """``modules_to_save`` plus the heads its task implies."""

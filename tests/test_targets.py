@@ -78,3 +78,18 @@ def test_a_composed_method_trains_saves_loads_and_merges_like_a_built_in(tmp_pat
     torch.testing.assert_close(outputs(loaded, inputs), expected, rtol=0, atol=0)
     lt.merge(loaded)
     torch.testing.assert_close(outputs(loaded, inputs), expected, rtol=0, atol=1e-4)
+
+
+def test_roles_name_modules_across_families():
+    llama = lt.adapt(tiny_llama(), lt.LoRA(targets=["@attn_v", "@ffn_out"]))
+    assert sorted({p.rsplit(".", 1)[-1] for p in paths(llama)}) == ["down_proj", "v_proj"]
+    bert = lt.adapt(tiny_bert_cls(), lt.LoRA(targets=["@attn_v"]))
+    assert all(p.endswith("attention.self.value") for p in paths(bert))
+
+
+def test_unknown_family_role_says_to_set_targets():
+    import pytest
+    from torch import nn
+
+    with pytest.raises(ValueError, match="set `targets=`"):
+        lt.adapt(nn.Sequential(nn.Linear(3, 3)), lt.LoRA(targets=["@attn_v"]))
