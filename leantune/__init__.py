@@ -7,12 +7,15 @@ from .api import (  # noqa: E402
     adapters,
     delete_adapter,
     disabled,
+    fold,
     merge,
     set_active,
     trainable_parameters,
     unload,
     unmerge,
 )
+from .core.rank_budget import rank_budget  # noqa: E402
+from .interop.lora_export import export_lora  # noqa: E402
 from .methods import *  # noqa: E402,F403  (every method's config class: lt.LoRA, ...)
 from .methods import __all__ as _method_classes  # noqa: E402
 from .registry import get_method, methods, register  # noqa: E402
@@ -24,10 +27,13 @@ __all__ = [
     "adapters",
     "delete_adapter",
     "disabled",
+    "export_lora",
+    "fold",
     "get_method",
     "load_adapter",
     "merge",
     "methods",
+    "rank_budget",
     "register",
     "save_adapter",
     "set_active",

@@ -30,7 +30,7 @@ from .registry import get_method, methods
 
 __all__ = [
     "adapt", "trainable_parameters", "merge", "unmerge", "unload", "disabled", "set_active",
-    "methods", "adapters", "delete_adapter", "adapter_paths",
+    "methods", "adapters", "delete_adapter", "adapter_paths", "fold",
 ]
 
 
@@ -82,8 +82,9 @@ def _resolve_heads(model: nn.Module, config: MethodConfig, strict: bool) -> list
 
 
 def _device_of(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
+    # Buffers count too: a quantized base (core/quant.py) may hold its weight in buffers only.
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
     return torch.device("cpu")
 
 
@@ -197,6 +198,25 @@ def _refuse_tied_merge(model: nn.Module, names: Sequence[str] | None) -> None:
                 f"cannot merge into {path}: its weight is tied to {', '.join(others)}, so folding the delta "
                 "would change both; exclude this module from the adapter or untie the weights first"
             )
+
+
+def fold(model: nn.Module, names: Sequence[str] | None = None) -> nn.Module:
+    """Fold training-time reparameterisations away (a prefix's MLP, a factorised or
+    residual prompt): each delta becomes the plain one it computes, and the adapter's
+    config the plain method's, so it runs cheaper and saves in HF PEFT's layout where
+    PEFT has that method. Outputs do not change; training goes on from the plain form."""
+    for name in _known(model, names) if names is not None else list(adapters(model)):
+        record = model.leantune.adapters[name]
+        config = record.config.folded()
+        if config is None:
+            continue
+        for _, site, delta in list(adapter_paths(model, name)):
+            trainable = any(p.requires_grad for p in delta.parameters())
+            site.deltas[name] = plain = delta.folded()
+            for p in plain.parameters():
+                p.requires_grad_(trainable)
+        record.config = config
+    return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:

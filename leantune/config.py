@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from .core.families import role_targets
+from .core.families import expand_roles
 from .core.site import Delta
 from .core.weights import WEIGHT_TYPES
 
@@ -42,6 +42,8 @@ class MethodConfig:
     name: ClassVar[str] = ""
     mergeable: ClassVar[bool] = False
     peft_type: ClassVar[str | None] = None
+    # HF PEFT keeps prompt-learning tensors at model level: no target_modules, bare key names.
+    peft_prompt_learning: ClassVar[bool] = False
     default_targets: ClassVar[str | list[str]] = "all-linear"
     site_types: ClassVar[tuple[type, ...]] = WEIGHT_TYPES
 
@@ -63,16 +65,15 @@ class MethodConfig:
         """The delta this method attaches at ``path``."""
         raise NotImplementedError
 
+    def folded(self) -> MethodConfig | None:
+        """The config of the adapter after ``lt.fold`` (whose deltas become ``Delta.folded()``),
+        or ``None`` when this method has no training-time reparameterisation to fold."""
+        return None
+
     # --- helpers shared by every method ----------------------------------------
     def resolved_targets(self, model: nn.Module) -> str | list[str]:
         """``targets`` (or the default) with ``@role`` entries expanded for this model family."""
-        chosen = self.default_targets if self.targets is None else self.targets
-        if isinstance(chosen, str):
-            return role_targets(model, chosen[1:], self.name) if chosen.startswith("@") else chosen
-        out: list[str] = []
-        for t in chosen:
-            out.extend(role_targets(model, t[1:], self.name) if t.startswith("@") else [t])
-        return list(dict.fromkeys(out))
+        return expand_roles(model, self.default_targets if self.targets is None else self.targets, self.name)
 
     def head_modules(self) -> list[str]:
         """``modules_to_save`` plus the heads its task implies."""

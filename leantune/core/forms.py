@@ -63,8 +63,10 @@ class LowRank(Delta):
     def fused_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """``(A, B, scale)`` when :meth:`post` is exactly ``scale · B A x`` on a Linear right
         now (no dropout in play), so the engine may fuse it; ``None`` otherwise."""
+        cls = type(self)
+        plain = cls.post is LowRank.post and cls.pre is Delta.pre and cls.module is Delta.module
         dropping = self.training and isinstance(self.dropout, nn.Dropout)
-        if self.view.kind != "linear" or dropping or type(self).post is not LowRank.post:
+        if self.view.kind != "linear" or dropping or not plain:
             return None
         return self.A, self.B, self.scale
 
@@ -124,3 +126,7 @@ class Stack(Delta):
     def unmerge(self, base: nn.Module) -> None:
         for p in reversed(self.parts):
             p.unmerge(base)
+
+    def folded(self) -> Stack:
+        parts = [p.folded() for p in self.parts]
+        return self if all(a is b for a, b in zip(parts, self.parts, strict=True)) else Stack(parts)

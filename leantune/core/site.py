@@ -53,6 +53,11 @@ class Delta(nn.Module):
         dw = self._require_delta_weight(base)
         base.weight.data -= dw.to(base.weight.dtype)
 
+    def folded(self) -> Delta:
+        """The plain delta this one computes, training-time reparameterisations folded
+        away (``lt.fold``); the delta itself when there is nothing to fold."""
+        return self
+
     def _require_delta_weight(self, base: nn.Module) -> torch.Tensor:
         dw = self.delta_weight(base)
         if dw is None:

@@ -74,6 +74,9 @@ class WeightView:
 
 def weight_view(module: nn.Module) -> WeightView:
     """The :class:`WeightView` of a supported module; a clear error otherwise."""
+    describe = getattr(module, "leantune_weight_view", None)
+    if describe is not None:  # modules that store their weight another way (core/quant.py's QuantLinear)
+        return describe()
     if isinstance(module, nn.Linear):
         return WeightView("linear", module.out_features, module.in_features)
     if GPT2_CONV1D and isinstance(module, GPT2_CONV1D):

@@ -44,7 +44,14 @@ class Compose(MethodConfig):
         return all(p.mergeable for p in self.parts)
 
     def components(self) -> list[MethodConfig]:
-        return list(self.parts)
+        return [c for p in self.parts for c in p.components()]  # presets (mam, unipelt) bring their own parts
+
+    def folded(self) -> Compose | None:
+        parts = [p.folded() for p in self.parts]
+        if all(f is None for f in parts):
+            return None
+        return Compose([f or p for f, p in zip(parts, self.parts, strict=True)], targets=self.targets, exclude=self.exclude,
+                       modules_to_save=self.modules_to_save, task=self.task)
 
     def head_modules(self) -> list[str]:
         names = [*super().head_modules(), *(h for p in self.parts for h in p.head_modules())]

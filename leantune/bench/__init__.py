@@ -1,0 +1,1 @@
+"""Benchmarks: speed and memory of leantune against HF PEFT and the bounds (``speed``)."""

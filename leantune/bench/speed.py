@@ -1,0 +1,303 @@
+"""LoRA training speed and memory: leantune against HF PEFT and the bounds, in one process.
+
+Every mode trains the same Llama-architecture model (built from its config,
+random weights, bf16, SDPA) on the same batches with fused AdamW, so the
+ratios between modes hold on the machine they ran on. Each mode prints one
+JSON line; the whole run is written as JSON and drawn as a chart::
+
+    python -m leantune.bench.speed --size 1b --modes peft_compile,lt_compile --out docs/bench
+    python -m leantune.bench.speed --plot docs/bench/speed_1b.json
+
+Peak memory is counted from after the model is built (weights included), so
+it measures training, not construction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import leantune as lt
+from leantune.engine import causal_lm_loss, configure
+
+SIZES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=1024),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+               num_attention_heads=24, num_key_value_heads=8, vocab_size=128256),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RANK, ALPHA = 16, 32
+DEFAULT_MODES = ["full_compile", "peft", "peft_compile", "peft_gc_compile", "frozen_compile", "fwd",
+                 "lt", "lt_compile", "lt_lean_compile"]
+LABELS = {
+    "full": "full fine-tuning", "peft": "HF PEFT LoRA", "peft_gc": "HF PEFT LoRA + grad. ckpt",
+    "frozen": "frozen backbone (bound)", "fwd": "forward only", "lt": "leantune LoRA",
+    "lt_lean": "leantune LoRA, lean", "lt_hfloss": "leantune LoRA, HF loss",
+}
+# Batch tokens come from a small sub-vocabulary, so the loss visibly falls within a few steps.
+TOKEN_RANGE = 2048
+
+
+# Label suffix -> torch.compile mode; "_compile_cg" adds CUDA graphs (mode "reduce-overhead").
+COMPILE_SUFFIXES = {"_compile_cg": "reduce-overhead", "_compile": "default"}
+COMPILE_LABELS = {None: "", "default": ", compiled", "reduce-overhead": ", compiled + CUDA graphs"}
+
+
+def split_label(label: str) -> tuple[str, str | None]:
+    """``"peft_gc_compile"`` -> ``("peft_gc", "default")``; no suffix: not compiled."""
+    for suffix, compile_mode in COMPILE_SUFFIXES.items():
+        if label.endswith(suffix):
+            return label.removesuffix(suffix), compile_mode
+    return label, None
+
+
+@dataclass
+class Setup:
+    """What a mode trains: a loss function of (input_ids, labels) and its parameters."""
+
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None  # None: forward only
+    params: list[nn.Parameter]
+    model: nn.Module
+    flops_factor: int  # FLOPs per token per parameter: 6 full, 4 frozen base, 2 forward
+
+
+def build(size: str, device: str) -> nn.Module:
+    """A Llama-architecture model with random weights, in bf16 (fp32 on CPU)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**SIZES[size], max_position_embeddings=4096, tie_word_embeddings=True,
+                      attn_implementation="sdpa")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+
+
+def seed_lora_a(pairs: list[tuple[str, torch.Tensor]], seed: int = 1) -> None:
+    """Fill every LoRA ``A`` from one generator in path order, so PEFT and leantune start equal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, a in sorted(pairs, key=lambda p: p[0]):
+            bound = a.shape[1] ** -0.5
+            a.copy_(torch.rand(a.shape, generator=g, dtype=torch.float32).mul_(2 * bound).sub_(bound))
+
+
+def _hf_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, labels=labels).loss
+
+
+def setup(mode: str, model: nn.Module) -> Setup:
+    """Prepare ``model`` for ``mode`` (a label without its compile suffix)."""
+    if mode == "fwd":
+        model.requires_grad_(False)
+        return Setup(None, [], model, 2)
+    if mode in ("full", "frozen"):
+        if mode == "frozen":  # backprop through a frozen backbone, no adapter: the bound
+            model.requires_grad_(False)
+            model.enable_input_require_grads()
+        return Setup(partial(_hf_loss, model), [p for p in model.parameters() if p.requires_grad],
+                     model, 6 if mode == "full" else 4)
+    if mode.startswith("peft"):
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS))
+        seed_lora_a([(n.removeprefix("base_model.model."), m.lora_A["default"].weight)
+                     for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A])
+        if mode == "peft_gc":
+            model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.base_model.model.enable_input_require_grads()
+        return Setup(partial(_hf_loss, model), [p for p in model.parameters() if p.requires_grad], model, 4)
+    if mode.startswith("lt"):
+        lt.adapt(model, lt.LoRA(r=RANK, alpha=ALPHA, targets=TARGETS))
+        seed_lora_a([(path, d.A) for path, _, d in lt.api.adapter_paths(model, "default")])
+        if mode == "lt_lean":
+            configure(model, lean=True)
+        loss = partial(_hf_loss, model) if mode == "lt_hfloss" else partial(causal_lm_loss, model)
+        return Setup(loss, [p for p in model.parameters() if p.requires_grad], model, 4)
+    raise ValueError(f"unknown mode {mode!r}; known: {', '.join(LABELS)} (each also with _compile)")
+
+
+def batches(size: str, count: int, bs: int, seq: int, device: str) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    vocab = min(TOKEN_RANGE, SIZES[size]["vocab_size"])
+    return [torch.randint(0, vocab, (bs, seq), generator=g).to(device) for _ in range(count)]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _one_step(s: Setup, loss_fn: Callable, opt: torch.optim.Optimizer | None, ids: torch.Tensor) -> None:
+    if s.loss is None:
+        with torch.no_grad():
+            loss_fn(input_ids=ids)
+        return
+    loss_fn(ids, ids).backward()
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _profile(label: str, step: Callable[[], None], path: Path) -> None:
+    """Append the GPU kernels of one step, most time first, to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
+    with path.open("a") as f:
+        f.write(f"== {label}\n{table}\n")
+
+
+def run_mode(label: str, size: str, data: list[torch.Tensor], steps: int, warmup: int, lr: float,
+             device: str, profile_to: Path | None = None) -> dict:
+    """Train one mode for ``warmup + steps`` steps; time the median step after warm-up."""
+    mode, compile_mode = split_label(label)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    s = setup(mode, build(size, device))
+    loss_fn = s.loss if s.loss is not None else s.model
+    if compile_mode is not None:
+        loss_fn = torch.compile(loss_fn, mode=compile_mode)
+    opt = torch.optim.AdamW(s.params, lr=lr, fused=device == "cuda") if s.params else None
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times, losses, peak_fwd = [], [], 0
+    for i in range(warmup + steps):
+        ids = data[i % len(data)]
+        _sync(device)
+        t = time.perf_counter()
+        if s.loss is None:
+            with torch.no_grad():
+                loss_fn(input_ids=ids)
+        else:
+            loss = loss_fn(ids, ids)
+            if device == "cuda":  # where the peak falls: end of forward, or later
+                peak_fwd = max(peak_fwd, torch.cuda.max_memory_allocated())
+            loss.backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+        if s.loss is not None:
+            losses.append(loss.item())
+    if profile_to is not None:
+        _profile(label, partial(_one_step, s, loss_fn, opt, data[0]), profile_to)
+    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+    step_s = statistics.median(times[warmup:])
+    tokens = data[0].numel()
+    n_base = sum(p.numel() for n, p in s.model.named_parameters() if "lora_" not in n and ".deltas." not in n)
+    return dict(
+        mode=label, name=LABELS[mode] + COMPILE_LABELS[compile_mode], size=size,
+        bs=data[0].shape[0], seq=data[0].shape[1], step_s=round(step_s, 4), tok_s=round(tokens / step_s),
+        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+        peak_fwd_gib=round(peak_fwd / 2**30, 2) if device == "cuda" else None,
+        first_step_s=round(times[0], 1), n_train=sum(p.numel() for p in s.params),
+        tflops=round(s.flops_factor * n_base * tokens / step_s / 1e12, 1), graph_breaks=breaks, losses=losses,
+    )
+
+
+def rival_pairs(results: list[dict]) -> list[tuple[str, str]]:
+    """(leantune mode, its PEFT rival) for every leantune mode run, plus PEFT eager vs
+    compiled: the spread that bf16 arithmetic alone gives, to read the others against."""
+    pairs = [("peft", "peft_compile")]
+    for r in results:
+        mode = r["mode"]
+        if mode.startswith("lt_lean"):
+            pairs.append((mode, "peft_gc" + mode.removeprefix("lt_lean")))
+        elif mode.startswith("lt") and not mode.startswith("lt_hfloss"):
+            pairs.append((mode, "peft" + mode.removeprefix("lt")))
+    return pairs
+
+
+def loss_match(results: list[dict], ours: str, theirs: str) -> dict | None:
+    """How far leantune's loss curve is from PEFT's on the same batches and initial weights."""
+    by = {r["mode"]: r for r in results if "losses" in r}
+    if ours not in by or theirs not in by:
+        return None
+    a, b = by[ours]["losses"], by[theirs]["losses"]
+    rel = [abs(x - y) / abs(y) for x, y in zip(a, b, strict=True)]
+    return dict(ours=ours, theirs=theirs, steps=len(rel), max_rel_diff=max(rel), mean_rel_diff=sum(rel) / len(rel),
+                first=(a[0], b[0]), last=(a[-1], b[-1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="1b", choices=sorted(SIZES))
+    ap.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                    help="comma-separated; append _compile to compile, _compile_cg to add CUDA graphs")
+    ap.add_argument("--steps", type=int, default=50, help="timed steps per mode (all on the loss curve)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--distinct-batches", type=int, default=4, help="batches cycled through")
+    ap.add_argument("--out", default=None, help="folder for speed_<size>.json and .png")
+    ap.add_argument("--plot", default=None, help="only draw the chart of an existing JSON file")
+    ap.add_argument("--profile", action="store_true", help="write each mode's top GPU kernels to profile_<size>.txt")
+    args = ap.parse_args(argv)
+    from .plot import draw
+
+    if args.plot:
+        print(draw(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png")))
+        return 0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch._dynamo.config.recompile_limit = 64
+    data = batches(args.size, args.distinct_batches, args.batch, args.seq, device)
+    results = []
+    for label in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        oom = False
+        try:
+            res = run_mode(label, args.size, data, args.steps, args.warmup, args.lr, device,
+                           Path(args.out or ".") / f"profile_{args.size}.txt" if args.profile else None)
+        except torch.OutOfMemoryError:
+            oom = True
+        if oom:
+            res = dict(mode=label, size=args.size, error="OOM")
+        torch._dynamo.reset()
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        results.append(res)
+        print(json.dumps({k: v for k, v in res.items() if k != "losses"}), flush=True)
+        report = dict(
+            size=args.size, device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            torch=torch.__version__, steps=args.steps, warmup=args.warmup, lr=args.lr, argv=sys.argv[1:],
+            results=results, loss_match=[m for m in (loss_match(results, a, b) for a, b in rival_pairs(results)) if m],
+        )
+        if args.out:  # after every mode, so a run cut short still leaves its numbers
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"speed_{args.size}.json").write_text(json.dumps(report, indent=1) + "\n")
+    for m in report["loss_match"]:
+        print(json.dumps(m), flush=True)
+    if args.out:
+        print(draw(report, Path(args.out) / f"speed_{args.size}.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

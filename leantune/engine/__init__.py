@@ -1,0 +1,10 @@
+"""Fast and lean execution shared by every method: fused low-rank linear,
+chunked causal-LM loss, lean (recompute-more) mode."""
+
+from .lean import configure
+from .loss import causal_lm_loss, chunked_causal_lm_loss
+from .lowrank_linear import LowRankLinear, fused_forward, lowrank_linear
+
+__all__ = [
+    "LowRankLinear", "causal_lm_loss", "chunked_causal_lm_loss", "configure", "fused_forward", "lowrank_linear",
+]

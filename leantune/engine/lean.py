@@ -1,0 +1,80 @@
+"""Lean mode: keep a few narrow activations per layer, recompute the rest in backward.
+
+Full gradient checkpointing keeps each layer's input and re-runs the whole
+layer, attention included, in backward. Lean mode checkpoints each decoder
+layer *selectively*. Under ``torch.compile`` it keeps the attention kernel's
+outputs and the outputs of matrix products that do not widen their input
+(q, k, v, o, and the adapters' ``x Aᵀ``), and recomputes only the widening
+products (gate/up: the widest activations of a layer) and elementwise work.
+Eagerly it keeps only attention's outputs, since eager recompute replays whole
+operators and in-place updates (the fused path's ``addmm_``) would alter a kept
+product. Gradients are unchanged: it is the same function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+_ATTENTION_OPS = {
+    getattr(torch.ops.aten, name).default
+    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name)
+}
+
+_CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past")
+
+
+_PRODUCT_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+
+
+def keep_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """What to keep of one operator in a lean layer (see the module docstring)."""
+    if op in _ATTENTION_OPS:
+        return CheckpointPolicy.MUST_SAVE
+    if op in _PRODUCT_OPS and torch.compiler.is_compiling() and args[-1].shape[-1] <= args[-2].shape[-1]:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _checkpointed(forward: Callable) -> Callable:
+    context = partial(create_selective_checkpoint_contexts, keep_policy)
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        # The recompute would write a key/value cache a second time: train without one.
+        kwargs.update({k: None for k in _CACHE_ARGS if kwargs.get(k) is not None})
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        return checkpoint(forward, *args, use_reentrant=False, context_fn=context, **kwargs)
+
+    run.leantune_lean = True
+    return run
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a transformers model (its ``_no_split_modules`` classes)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def configure(model: nn.Module, *, lean: bool) -> nn.Module:
+    """Switch lean mode on (``lean=True``) or back to the default (keep every
+    activation: the fastest step). Returns ``model``."""
+    layers = decoder_layers(model)
+    if lean and not layers:
+        raise ValueError("lean mode needs a transformers model whose decoder layers it can find "
+                         "(its _no_split_modules); found none")
+    for layer in layers:
+        wrapped = getattr(layer.__dict__.get("forward"), "leantune_lean", False)
+        if lean and not wrapped:
+            layer.forward = _checkpointed(layer.forward)
+        elif not lean and wrapped:
+            del layer.forward
+    return model

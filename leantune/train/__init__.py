@@ -1,0 +1,1 @@
+"""Training helpers: data in, trained adapter and metrics out (``seqcls`` for sequence classification)."""

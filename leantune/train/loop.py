@@ -1,0 +1,302 @@
+"""The training loop: accumulation, autocast, schedules, evaluation, checkpoints, Ctrl-C.
+
+Batches are a pure function of (seed, epoch, position): each epoch's order is a
+permutation drawn from a generator seeded with ``seed + epoch``, so a resumed
+run sees exactly the batches an uninterrupted one would, and together with the
+restored optimizer, scheduler and RNG states reaches the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import RunDir, read_trainer_state, rng_state, save_checkpoint, set_rng_state, write_adapter
+from .config import TrainingSection, higher_is_better
+from .distributed import Dist
+from .logs import MetricsLog, memory_mb
+from .tasks import Example, Task
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class StepInfo:
+    """What callbacks see after each optimizer step; gradients are still in place.
+    Set ``stop`` to end the run after this step (a checkpoint is saved)."""
+
+    step: int
+    total_steps: int
+    loss: float
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    stop: bool = False
+
+
+class Callback:
+    """Hooks into the loop (e.g. an adaptive method reallocating rank); override what you need."""
+
+    def on_step_end(self, info: StepInfo) -> None:
+        """After the optimizer and scheduler stepped, before gradients are cleared."""
+
+    def on_evaluate(self, step: int, metrics: dict[str, float]) -> None:
+        """After each evaluation (rank 0 only)."""
+
+
+@dataclass
+class Result:
+    """How a run ended."""
+
+    step: int
+    total_steps: int
+    stopped: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+    best_metric: str = ""
+    best_step: int | None = None
+    best_value: float | None = None
+    output: Path | None = None
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, kind: str, total: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0, half a cosine to 0, or constant."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Order:
+    """Which examples make micro-batch ``m``: epoch ``m // per_epoch`` shuffled with ``seed + epoch``,
+    split across ranks as rank ``r`` taking every ``world``-th index (padded by wrapping)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int) -> None:
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.per_rank = math.ceil(n / world)
+        self.per_epoch = math.ceil(self.per_rank / batch_size)
+        self._epoch, self._order = -1, []
+
+    def batch(self, m: int) -> list[int]:
+        epoch, b = divmod(m, self.per_epoch)
+        if epoch != self._epoch:
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            perm += perm[: self.per_rank * self.world - self.n]
+            self._epoch, self._order = epoch, perm[self.rank::self.world]
+        return self._order[b * self.batch_size:(b + 1) * self.batch_size]
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision for ``bf16``/``fp16``; nothing for ``fp32``."""
+    dtype = AUTOCAST.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def evaluate_model(model: nn.Module, task: Task, data: Sequence[Example], cfg: TrainingSection,
+                   device: torch.device) -> dict[str, float]:
+    """The task's metrics of ``model`` (in eval mode) on ``data``."""
+    size = cfg.eval_batch_size or 2 * cfg.batch_size
+    batches = ({k: v.to(device) for k, v in task.collate([data[i] for i in range(s, min(s + size, len(data)))]).items()}
+               for s in range(0, len(data), size))
+    model.eval()
+    with autocast(cfg.precision, device):
+        return task.evaluate(model, batches)
+
+
+@contextlib.contextmanager
+def stop_on_sigint() -> Iterator[Callable[[], bool]]:
+    """The first Ctrl-C asks the loop to save and stop after the current step; a second one aborts."""
+    seen: list[bool] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if seen:
+            raise KeyboardInterrupt
+        seen.append(True)
+        print("\nleantune: Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again aborts)",
+              file=sys.stderr, flush=True)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(seen)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Loop:
+    """One run's training state and the steps that move it; ``run()`` drives it to the end."""
+
+    def __init__(self, model: nn.Module, task: Task, train: Sequence[Example], evals: Sequence[Example] | None,
+                 cfg: TrainingSection, run: RunDir, dist: Dist, callbacks: Sequence[Callback] = (),
+                 progress: bool = True) -> None:
+        self.model, self.wrapped, self.task = model, dist.wrap(model), task
+        self.train_data, self.eval_data, self.cfg, self.run_dir, self.dist = train, evals, cfg, run, dist
+        self.callbacks, self.progress = list(callbacks), progress
+        self.order = Order(len(train), cfg.batch_size, cfg.seed, dist.rank, dist.world)
+        self.total = cfg.max_steps or math.ceil(cfg.epochs * self.order.per_epoch / cfg.grad_accum)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters; attach an adapter first (lt.adapt)")
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total)
+        self.scheduler = lr_schedule(self.optimizer, cfg.schedule, self.total, warmup)
+        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
+        self.log = MetricsLog(run.metrics, dist.main)
+        self.metric = cfg.best_metric or task.main_metric
+        self.step, self.best_step, self.best_value = 0, None, None
+        self.last_metrics: dict[str, float] = {}
+        self.saved_at = -1
+
+    # --- state ------------------------------------------------------------------------------
+    def restore(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        """Continue from ``checkpoint`` (its adapter is already in the model)."""
+        trainer = read_trainer_state(checkpoint)
+        self.optimizer.load_state_dict(trainer["optimizer"])
+        self.scheduler.load_state_dict(trainer["scheduler"])
+        self.scaler.load_state_dict(trainer["scaler"])
+        rngs = trainer["rng"]
+        set_rng_state(rngs[self.dist.rank] if len(rngs) == self.dist.world else rngs[0])
+        self.step, self.best_step, self.best_value = state["step"], state["best_step"], state["best_value"]
+        self.saved_at = self.step
+        self.log.truncate_after(self.step)
+
+    def save(self, info: dict[str, Any], method: dict[str, Any]) -> None:
+        """A checkpoint at the current step (every rank takes part; rank 0 writes)."""
+        rngs = self.dist.gather(rng_state())
+        if self.dist.main:
+            trainer = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                       "scaler": self.scaler.state_dict(), "rng": rngs}
+            state = {"best_step": self.best_step, "best_value": self.best_value, "world": self.dist.world,
+                     "total_steps": self.total, "method": method}
+            save_checkpoint(self.run_dir, self.step, self.model, trainer, state, info, self.cfg.keep_checkpoints)
+        self.saved_at = self.step
+        self.dist.barrier()
+
+    # --- the steps --------------------------------------------------------------------------
+    def _batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = self.task.collate([self.train_data[i] for i in indices])
+        return {k: v.to(self.dist.device) for k, v in batch.items()}
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.cfg.precision, self.dist.device)
+
+    def train_step(self) -> tuple[float, int, int]:
+        """One optimizer step over ``grad_accum`` micro-batches; (loss, samples, tokens) seen by this rank."""
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss, samples, tokens = 0.0, 0, 0
+        accum = self.cfg.grad_accum
+        for j in range(accum):
+            batch = self._batch(self.order.batch(self.step * accum + j))
+            quiet = j < accum - 1 and self.dist.world > 1  # DDP syncs gradients on the last micro-batch only
+            with self.wrapped.no_sync() if quiet else contextlib.nullcontext():
+                with self._autocast():
+                    loss = self.task.loss(self.wrapped, batch) / accum
+                self.scaler.scale(loss).backward()
+            total_loss += loss.item()
+            samples += batch["input_ids"].shape[0]
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        self.scaler.unscale_(self.optimizer)
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        return total_loss, samples, tokens
+
+    def evaluate(self) -> dict[str, float]:
+        """The task's metrics on the evaluation data (rank 0 computes, the others wait)."""
+        metrics: dict[str, float] = {}
+        if self.dist.main and self.eval_data:
+            metrics = evaluate_model(self.model, self.task, self.eval_data, self.cfg, self.dist.device)
+            self.model.train()
+        self.dist.barrier()
+        return metrics
+
+    def _after_eval(self, metrics: dict[str, float], info: dict[str, Any]) -> None:
+        self.last_metrics = metrics
+        self.log.write({"split": "eval", "step": self.step, **metrics})
+        for cb in self.callbacks:
+            cb.on_evaluate(self.step, metrics)
+        value = metrics[self.metric]
+        better = self.best_value is None or (
+            value > self.best_value if higher_is_better(self.metric) else value < self.best_value)
+        if better:
+            self.best_step, self.best_value = self.step, value
+            write_adapter(self.run_dir.best, self.model, {**info, "step": self.step, "metrics": metrics})
+
+    # --- the run ----------------------------------------------------------------------------
+    def run(self, info: dict[str, Any], method: dict[str, Any]) -> Result:
+        """Train until the step budget is spent or someone stops the run; save, evaluate, report."""
+        cfg, d = self.cfg, self.dist
+        self.model.train()
+        bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (self.progress and d.main), file=sys.stderr)
+        window: list[float] = []
+        first = self.step
+        busy, samples, tokens = 0.0, 0, 0  # throughput counts training time only, not evaluation or saving
+        stopped = False
+        with stop_on_sigint() as interrupted:
+            while self.step < self.total:
+                start = time.perf_counter()
+                loss, n, t = self.train_step()
+                busy += time.perf_counter() - start
+                window.append(loss)
+                samples, tokens = samples + n * d.world, tokens + t * d.world
+                step_info = StepInfo(self.step, self.total, loss, self.model, self.optimizer, self.scheduler)
+                for cb in self.callbacks:
+                    cb.on_step_end(step_info)
+                speed = {"loss": sum(window) / len(window), "lr": self.scheduler.get_last_lr()[0],
+                         "samples_per_s": samples / busy, "tokens_per_s": tokens / busy,
+                         "mem_mb": memory_mb(d.device)}
+                bar.update(1)
+                bar.set_postfix(loss=f"{speed['loss']:.4f}", samples_s=f"{speed['samples_per_s']:.1f}",
+                                mem=f"{speed['mem_mb']:.0f}MB", refresh=False)
+                if self.step % cfg.log_every == 0 or self.step == self.total:
+                    speed["loss"] = d.mean(speed["loss"])
+                    epoch = self.step * cfg.grad_accum / self.order.per_epoch
+                    self.log.write({"split": "train", "step": self.step, "epoch": round(epoch, 4), **speed})
+                    window, busy, samples, tokens = [], 0.0, 0, 0
+                if self.eval_data and cfg.eval_every and self.step % cfg.eval_every == 0:
+                    metrics = self.evaluate()
+                    if d.main:
+                        self._after_eval(metrics, info)
+                if d.any(interrupted() or step_info.stop):
+                    stopped = True
+                    break
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save(info, method)
+        bar.close()
+        evaluated = cfg.eval_every and self.step % cfg.eval_every == 0
+        if not stopped and self.eval_data and self.step > first and not evaluated:
+            metrics = self.evaluate()
+            if d.main:
+                self._after_eval(metrics, info)
+        if self.saved_at != self.step:
+            self.save(info, method)
+        if d.main and not stopped:
+            write_adapter(self.run_dir.adapter, self.model, {**info, "step": self.step, "metrics": self.last_metrics})
+        return Result(self.step, self.total, stopped, self.last_metrics, self.metric, self.best_step,
+                      self.best_value, self.run_dir.root)

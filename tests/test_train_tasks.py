@@ -1,0 +1,159 @@
+"""Causal-LM SFT and token classification end to end; a plain nn.Module through the Python API."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoTokenizer
+
+from leantune.train.config import TaskSection
+from leantune.train.logs import read_metrics
+from leantune.train.runner import train
+from leantune.train.tasks import IGNORE, CausalLM, TokenClassification
+
+from .train_helpers import (
+    FILLER,
+    NEGATIVE,
+    POSITIVE,
+    seqcls_config,
+    single_thread,
+    tiny_bert_dir,
+    tiny_gpt2_dir,
+    write_jsonl,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    yield from single_thread()
+
+
+def train_losses(run_dir) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"]
+
+
+def sft_rows(n: int) -> list[dict[str, str]]:
+    rng = random.Random(0)
+    words = POSITIVE + NEGATIVE
+    rows = []
+    for _ in range(n):
+        w = rng.choice(words)
+        rows.append({"prompt": f"is {w} good or bad ?", "response": "good" if w in POSITIVE else "bad"})
+    return rows
+
+
+def causal(tokenizer, **section) -> CausalLM:
+    return CausalLM(TaskSection(type="causal-lm", **section), tokenizer, {"prompt": "prompt", "response": "response"})
+
+
+def test_sft_loss_counts_response_tokens_only_with_and_without_chat_template():
+    row = {"prompt": "is it good ?", "response": "very good"}
+    for chat in (True, False):
+        tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir(chat=chat))
+        example = causal(tok, max_length=64).encode(row)
+        prompt_len = example["labels"].count(IGNORE)
+        assert example["labels"][prompt_len:] == example["input_ids"][prompt_len:] and IGNORE not in example["labels"][prompt_len:]
+        assert tok.decode(example["input_ids"][prompt_len:]) == "very good [SEP]"  # the response and EOS are learned
+        prompt = tok.decode(example["input_ids"][:prompt_len])
+        assert ("assistant" in prompt) == chat, prompt  # the template's generation prompt is not learned
+        assert prompt.startswith("< | user | >" if chat else "[CLS]")
+
+
+def test_sft_truncation_keeps_the_response_and_packing_keeps_every_token():
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir())
+    long = {"prompt": " ".join(["word"] * 40), "response": "the end"}
+    example = causal(tok, max_length=16, chat_template=False).encode(long)
+    assert len(example["input_ids"]) == 16 and tok.decode(example["input_ids"][-3:]) == "the end [SEP]"
+    rows = sft_rows(10)
+    plain = [causal(tok, max_length=16).encode(r) for r in rows]
+    packed = causal(tok, max_length=16, packing=True).examples(rows)
+    assert [len(p["input_ids"]) for p in packed[:-1]] == [16] * (len(packed) - 1)
+    assert [i for p in packed for i in p["labels"]] == [i for e in plain for i in e["labels"]]
+    assert [i for p in packed for i in p["input_ids"]] == [i for e in plain for i in e["input_ids"]]
+
+
+def test_causal_lm_sft_trains_and_reports_perplexity(tmp_path):
+    train_file = write_jsonl(tmp_path / "sft.jsonl", sft_rows(48))
+    config = {
+        "model": str(tiny_gpt2_dir(chat=True)),
+        "task": {"type": "causal-lm", "max_length": 32},
+        "data": {"train": str(train_file), "eval": str(train_file), "max_eval_samples": 16},
+        "method": {"name": "lora", "r": 4, "targets": ["c_attn", "c_fc"], "modules_to_save": ["ln_f"]},
+        "training": {"max_steps": 24, "batch_size": 8, "learning_rate": 5e-2, "log_every": 4, "eval_every": 12},
+        "output": {"dir": str(tmp_path / "run"), "progress": False},
+    }
+    result = train(None, config)
+    losses = train_losses(tmp_path / "run")
+    # A random 32-wide GPT-2 starts near-uniform over 30k tokens (loss ~ ln 30522 = 10.3) and moves slowly.
+    assert losses[-1] < losses[0] - 0.3, losses
+    evals = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "eval"]
+    assert len(evals) == 2 and evals[1] < evals[0]
+    assert set(result.metrics) == {"loss", "perplexity", "token_accuracy"}
+    assert result.metrics["perplexity"] == pytest.approx(math.exp(result.metrics["loss"]))
+    assert result.best_metric == "loss" and result.best_step == 24  # lower is better for a loss
+
+
+def tagged_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = rng.choices(POSITIVE + NEGATIVE + FILLER, k=6)
+        tags = ["POS" if w in POSITIVE else "NEG" if w in NEGATIVE else "O" for w in words]
+        rows.append({"words": words, "ner": tags})
+    return rows
+
+
+def test_token_classification_labels_first_subtokens_and_trains(tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir())
+    task = TokenClassification(TaskSection(type="token-cls", max_length=32), tok, {"tokens": "words", "tags": "ner"})
+    task.fit([{"words": ["unbelievably", "good"], "ner": ["O", "POS"]}])
+    example = task.encode({"words": ["unbelievably", "good"], "ner": ["O", "POS"]})
+    pieces = tok.convert_ids_to_tokens(example["input_ids"])
+    assert len(pieces) > 4, pieces  # [CLS] + several pieces for "unbelievably" + good + [SEP]
+    assert example["labels"] == [IGNORE, 0] + [IGNORE] * (len(pieces) - 4) + [1, IGNORE]
+    config = {
+        "model": str(tiny_bert_dir()),
+        "task": {"type": "token-cls", "max_length": 16},
+        "data": {"train": str(write_jsonl(tmp_path / "t.jsonl", tagged_rows(64, 0))),
+                 "eval": str(write_jsonl(tmp_path / "e.jsonl", tagged_rows(16, 1))),
+                 "columns": {"tokens": "words", "tags": "ner"}},
+        "method": {"name": "lora", "r": 4, "targets": ["query", "value"]},
+        "training": {"max_steps": 20, "batch_size": 8, "learning_rate": 3e-2, "log_every": 5},
+        "output": {"dir": str(tmp_path / "run"), "progress": False},
+    }
+    result = train(None, config)
+    losses = train_losses(tmp_path / "run")
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert result.metrics["accuracy"] > 0.9, result.metrics
+
+
+class BagOfWords(nn.Module):
+    """Not a transformers model: takes the tokenizer's outputs, returns logits."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(vocab, 16)
+        self.proj = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 2)
+
+    def forward(self, input_ids, attention_mask, **_):
+        mask = attention_mask.unsqueeze(-1).float()
+        return self.out(torch.tanh(self.proj((self.emb(input_ids) * mask).sum(1) / mask.sum(1))))
+
+
+def test_any_module_trains_through_the_python_api(tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir())
+    model = BagOfWords(tok.vocab_size)
+    frozen = model.emb.weight.detach().clone()
+    config = seqcls_config(tmp_path / "run", max_steps=24, learning_rate=5e-2, log_every=4)
+    del config["model"]
+    config["method"] = {"name": "lora", "r": 4, "targets": ["proj"], "modules_to_save": ["out"]}
+    result = train(model, config, tokenizer=tok)
+    losses = train_losses(tmp_path / "run")
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert result.metrics["accuracy"] > 0.8 and torch.equal(model.emb.weight, frozen)
