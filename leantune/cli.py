@@ -59,7 +59,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list every method, its parameters, mergeable or not, HF PEFT equivalent")
     p.set_defaults(func=cmd_methods)
     add_subcommands(sub)
+    _add_bench(sub)
     return parser
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    """``leantune bench quality|speed``: comparisons with tables and plots."""
+    from .bench import quality
+
+    bench = sub.add_parser("bench", help="speed / memory / quality comparisons, with tables and plots")
+    kinds = bench.add_subparsers(dest="bench", metavar="KIND", required=True)
+    q = kinds.add_parser("quality", help="every method on MiniLM + SST-2: accuracy, parameters, time, memory")
+    quality.add_arguments(q)
+    q.set_defaults(func=quality.main)
+    s = kinds.add_parser("speed", help="LoRA training speed and memory against HF PEFT on a Llama config (GPU)",
+                         add_help=False)
+    s.add_argument("args", nargs=argparse.REMAINDER, help="options of python -m leantune.bench.speed")
+    s.set_defaults(func=_bench_speed)
+
+
+def _bench_speed(args: argparse.Namespace) -> int:
+    from .bench import speed  # imports peft and compiles models: only when asked
+
+    return speed.main(args.args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

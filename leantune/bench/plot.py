@@ -26,13 +26,15 @@ def draw(report: dict, path: Path) -> str:
         ax.set_title(title)
         for y, v in enumerate(values):
             ax.text(v, y, f" {v:,}", va="center", fontsize=8)
+    axes[0].xaxis.set_major_formatter(lambda v, _: f"{v / 1000:.0f}k")
     axes[1].set_yticklabels([])
-    for r in rows:
-        if r["losses"] and (r["mode"].startswith("lt") or r["mode"].startswith("peft")):
-            axes[2].plot(r["losses"], label=r["name"], lw=1)
+    curves = [r for r in rows if r["losses"] and r["mode"].startswith(("lt", "peft"))]
+    for r in curves:
+        axes[2].plot(r["losses"], label=r["name"], lw=1)
     axes[2].set_title("training loss, same batches and initial weights")
     axes[2].set_xlabel("step")
-    axes[2].legend(fontsize=7)
+    if curves:
+        axes[2].legend(fontsize=7)
     fig.suptitle(f"LoRA r=16 on a {report['size']} Llama, {report['device']}, torch {report['torch']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -133,7 +133,7 @@ def setup(mode: str, model: nn.Module) -> Setup:
             configure(model, lean=True)
         loss = partial(_hf_loss, model) if mode == "lt_hfloss" else partial(causal_lm_loss, model)
         return Setup(loss, [p for p in model.parameters() if p.requires_grad], model, 4)
-    raise ValueError(f"unknown mode {mode!r}; known: {', '.join(LABELS)} (each also with _compile)")
+    raise ValueError(f"unknown mode {mode!r}; known: {', '.join(LABELS)} (each also with _compile or _compile_cg)")
 
 
 def batches(size: str, count: int, bs: int, seq: int, device: str) -> list[torch.Tensor]:
@@ -214,7 +214,7 @@ def run_mode(label: str, size: str, data: list[torch.Tensor], steps: int, warmup
         mode=label, name=LABELS[mode] + COMPILE_LABELS[compile_mode], size=size,
         bs=data[0].shape[0], seq=data[0].shape[1], step_s=round(step_s, 4), tok_s=round(tokens / step_s),
         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
-        peak_fwd_gib=round(peak_fwd / 2**30, 2) if device == "cuda" else None,
+        peak_fwd_gib=round(peak_fwd / 2**30, 2) if device == "cuda" and s.loss is not None else None,
         first_step_s=round(times[0], 1), n_train=sum(p.numel() for p in s.params),
         tflops=round(s.flops_factor * n_base * tokens / step_s / 1e12, 1), graph_breaks=breaks, losses=losses,
     )

@@ -1,14 +1,16 @@
-"""Lean mode: keep a few narrow activations per layer, recompute the rest in backward.
+"""Lean mode: keep almost no activations per layer, recompute the rest in backward.
 
 Full gradient checkpointing keeps each layer's input and re-runs the whole
 layer, attention included, in backward. Lean mode checkpoints each decoder
-layer *selectively*. Under ``torch.compile`` it keeps the attention kernel's
-outputs and the outputs of matrix products that do not widen their input
-(q, k, v, o, and the adapters' ``x Aᵀ``), and recomputes only the widening
-products (gate/up: the widest activations of a layer) and elementwise work.
-Eagerly it keeps only attention's outputs, since eager recompute replays whole
-operators and in-place updates (the fused path's ``addmm_``) would alter a kept
-product. Gradients are unchanged: it is the same function.
+layer *selectively*: the attention kernel's outputs are kept (the part that is
+costly to re-run and small to keep), everything else is recomputed. Under
+``torch.compile`` only what backward reads is recomputed (projections and
+elementwise work, not attention). Gradients are unchanged: it is the same
+function.
+
+Keeping the non-widening products too (q, k, v, o) would re-run a sixth less,
+but the fused path updates those outputs in place, and a kept tensor must not
+change after it is kept.
 """
 
 from __future__ import annotations
@@ -30,16 +32,9 @@ _ATTENTION_OPS = {
 _CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past")
 
 
-_PRODUCT_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
-
-
 def keep_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """What to keep of one operator in a lean layer (see the module docstring)."""
-    if op in _ATTENTION_OPS:
-        return CheckpointPolicy.MUST_SAVE
-    if op in _PRODUCT_OPS and torch.compiler.is_compiling() and args[-1].shape[-1] <= args[-2].shape[-1]:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
+    """Keep the attention kernel's outputs; recompute everything else."""
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _checkpointed(forward: Callable) -> Callable:

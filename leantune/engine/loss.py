@@ -48,8 +48,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             lse = logits.logsumexp(-1, keepdim=True)
             total = total + ((lse - logits.gather(1, t)).squeeze(1) * v).sum()
             if need_h or need_w:
-                # d loss / d logits = (softmax - onehot) · valid / count; a compare, not a
-                # scatter, so that torch.compile fuses it all into one pass over the block
+                # d loss / d logits = (softmax - onehot) · valid / count; the one-hot as a
+                # compare, not a scatter, so that torch.compile can fuse it with the softmax
                 probs = logits.sub_(lse).exp_()
                 probs.sub_((classes == t).to(acc))
                 g = probs.mul_((v / count)[:, None]).to(hidden.dtype)
@@ -79,8 +79,6 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, l
         raise ValueError(f"labels {tuple(labels.shape)} must match hidden states {tuple(hidden.shape[:-1])}")
     targets = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
     rows = chunk or max(1, BLOCK_ELEMENTS // lm_head_weight.shape[0])
-    if chunk is None and rows > 256:
-        rows -= rows % 256  # whole GEMM tiles: 523 rows would leave most of a third tile empty
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
     flat = hidden.reshape(-1, hidden.shape[-1])
     return LinearCrossEntropy.apply(flat, lm_head_weight, targets, rows, with_grad)

@@ -62,7 +62,8 @@ class DoRADelta(LowRank):
 
     @torch.no_grad()
     def weight_norm(self, base: nn.Module) -> torch.Tensor:
-        return torch.linalg.norm(weight_matrix(self.view, base) + self._delta_matrix(), dim=1)
+        weight = weight_matrix(self.view, base)  # the delta may not be on the base's device yet (adapt moves it)
+        return torch.linalg.norm(weight + self._delta_matrix().to(weight.device), dim=1)
 
     def post(self, base: nn.Module, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         dtype = h.dtype

@@ -1,1 +1,5 @@
-"""Training helpers: data in, trained adapter and metrics out (``seqcls`` for sequence classification)."""
+"""Training: configs, data, tasks, the loop, checkpoints and metrics.
+
+``seqcls`` is the small self-contained sequence-classification path (tokenise, batch,
+train, evaluate) that the demo and the quality benchmarks share.
+"""

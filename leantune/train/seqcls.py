@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ..data import Split
 
@@ -30,8 +30,8 @@ LENGTH_GROUP = 50
 class TrainConfig:
     """How to train. ``steps`` wins over ``epochs`` when given.
 
-    ``autocast`` (e.g. ``torch.bfloat16``) runs matmuls in lower precision: on CPUs with
-    AVX512-BF16 it is several times faster, on others slower.
+    ``autocast`` (e.g. ``torch.bfloat16``) runs matmuls in lower precision: faster on GPUs
+    and on CPUs with AVX512-BF16, slower on other CPUs.
     """
 
     lr: float = 5e-4
@@ -105,13 +105,16 @@ def training_batches(lengths: Sequence[int], config: TrainConfig) -> list[list[i
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_ratio`` of the steps, then linear decay towards zero."""
+    """Linear warm-up over ``warmup_ratio`` of the steps to the full rate, then linear decay towards zero.
+
+    Every step trains: the first has rate ``lr / warmup``, the last ``lr / (decay steps + 1)``.
+    """
     warmup = int(total_steps * warmup_ratio)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+        return max(0.0, (total_steps - step) / (total_steps - warmup + 1))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
