@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from . import engine  # noqa: E402  (lt.engine.configure(model, lean=True), chunked causal-LM loss)
 from .api import (  # noqa: E402
     adapt,
     adapters,
@@ -20,14 +21,21 @@ from .methods import *  # noqa: E402,F403  (every method's config class: lt.LoRA
 from .methods import __all__ as _method_classes  # noqa: E402
 from .registry import get_method, methods, register  # noqa: E402
 from .storage import load_adapter, save_adapter  # noqa: E402
+from .train.loop import Callback  # noqa: E402
+from .train.runner import evaluate  # noqa: E402
+from .train.runner import train as finetune  # noqa: E402  (``lt.train`` is the subpackage)
 
 __all__ = [
     *_method_classes,
+    "Callback",
     "adapt",
     "adapters",
     "delete_adapter",
     "disabled",
+    "engine",
+    "evaluate",
     "export_lora",
+    "finetune",
     "fold",
     "get_method",
     "load_adapter",
