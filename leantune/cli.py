@@ -65,23 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     """``leantune bench quality|speed``: comparisons with tables and plots."""
-    from .bench import quality
+    from .bench import quality, speed
 
     bench = sub.add_parser("bench", help="speed / memory / quality comparisons, with tables and plots")
     kinds = bench.add_subparsers(dest="bench", metavar="KIND", required=True)
     q = kinds.add_parser("quality", help="every method on MiniLM + SST-2: accuracy, parameters, time, memory")
     quality.add_arguments(q)
     q.set_defaults(func=quality.main)
-    s = kinds.add_parser("speed", help="LoRA training speed and memory against HF PEFT on a Llama config (GPU)",
-                         add_help=False)
-    s.add_argument("args", nargs=argparse.REMAINDER, help="options of python -m leantune.bench.speed")
-    s.set_defaults(func=_bench_speed)
-
-
-def _bench_speed(args: argparse.Namespace) -> int:
-    from .bench import speed  # imports peft and compiles models: only when asked
-
-    return speed.main(args.args)
+    s = kinds.add_parser("speed", help="LoRA training speed and memory against HF PEFT on a Llama config (GPU)")
+    speed.add_arguments(s)
+    s.set_defaults(func=speed.run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -244,8 +244,8 @@ def loss_match(results: list[dict], ours: str, theirs: str) -> dict | None:
                 first=(a[0], b[0]), last=(a[-1], b[-1]))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The benchmark's options, shared by ``python -m leantune.bench.speed`` and ``leantune bench speed``."""
     ap.add_argument("--size", default="1b", choices=sorted(SIZES))
     ap.add_argument("--modes", default=",".join(DEFAULT_MODES),
                     help="comma-separated; append _compile to compile, _compile_cg to add CUDA graphs")
@@ -258,7 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="folder for speed_<size>.json and .png")
     ap.add_argument("--plot", default=None, help="only draw the chart of an existing JSON file")
     ap.add_argument("--profile", action="store_true", help="write each mode's top GPU kernels to profile_<size>.txt")
-    args = ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the modes named in ``args`` (or only draw ``args.plot``)."""
     from .plot import draw
 
     if args.plot:
