@@ -69,24 +69,17 @@ def adapter_config(config: MethodConfig, paths: list[str], heads: list[str], mod
 def config_from_peft(cfg: dict[str, Any]) -> MethodConfig:
     """A leantune config equivalent to a PEFT ``adapter_config.json``."""
     peft_type = cfg.get("peft_type")
-    # Where methods share a PEFT type, the one named like it reads it (``prefix_tuning`` for
-    # PREFIX_TUNING), else the most general one.
-    by_type: dict[str, type[MethodConfig]] = {}
-    for c in methods().values():
-        old = by_type.get(c.peft_type or "")
-        if c.peft_type and (old is None or c.name == c.peft_type.lower()
-                            or (old.name != c.peft_type.lower() and issubclass(old, c))):
-            by_type[c.peft_type] = c
-    if peft_type not in by_type:
-        known = ", ".join(sorted(by_type)) or "none"
+    candidates = [c for c in methods().values() if c.peft_type == peft_type]
+    if not candidates:
+        known = ", ".join(sorted({c.peft_type for c in methods().values() if c.peft_type}))
         raise ValueError(f"PEFT adapter type {peft_type!r} is not readable by leantune (readable: {known})")
-    # A variant PEFT marks with a flag (LoRA's use_dora / use_rslora) is read by the method that claims it.
-    claimed = [c for c in methods().values() if c.peft_type == peft_type and getattr(c, "peft_claims", None)
-               and c.peft_claims(cfg)]
-    if claimed:
-        by_type[peft_type] = claimed[0]
+    # A variant PEFT marks with a flag (LoRA's use_dora / use_rslora) is read by the method that claims
+    # it; otherwise the method named like the type (``prefix_tuning`` for PREFIX_TUNING) reads it.
+    claimed = [c for c in candidates if getattr(c, "peft_claims", None) and c.peft_claims(cfg)]
+    named = [c for c in candidates if c.name == str(peft_type).lower()]
+    reader = (claimed or named or candidates)[0]
     targets = cfg.get("target_modules")
-    if targets is None and not by_type[peft_type].peft_prompt_learning:
+    if targets is None and not reader.peft_prompt_learning:
         raise ValueError("adapter_config.json has no target_modules; leantune cannot place the adapter")
     common = {
         "targets": targets if isinstance(targets, str) or targets is None else list(targets),
@@ -94,4 +87,4 @@ def config_from_peft(cfg: dict[str, Any]) -> MethodConfig:
         "modules_to_save": list(dict.fromkeys(cfg.get("modules_to_save") or [])) or None,
         "task": PEFT_TO_TASK.get(cfg.get("task_type") or ""),
     }
-    return by_type[peft_type].from_peft_config(cfg, **common)
+    return reader.from_peft_config(cfg, **common)
