@@ -40,6 +40,7 @@ def write_dir_atomically(dest: str | os.PathLike, fill: Callable[[Path], None]) 
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         fill(tmp)
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only; give it a normal folder's mode
         if dest.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
             os.replace(dest, old / dest.name)
@@ -51,6 +52,12 @@ def write_dir_atomically(dest: str | os.PathLike, fill: Callable[[Path], None]) 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, obj: object) -> None:

@@ -150,3 +150,13 @@ def test_disabled_restores_merged_state():
     with lt.disabled(model):
         torch.testing.assert_close(outputs(model, inputs), outputs(MODELS["llama"](), inputs), rtol=0, atol=1e-5)
     torch.testing.assert_close(outputs(model, inputs), adapted_out, rtol=0, atol=1e-5)
+
+
+def test_saved_folder_gets_a_normal_mode(tmp_path):
+    import os
+    import stat
+
+    lt.save_adapter(lt.adapt(tiny_llama(), lt.LoRA(targets=["q_proj"])), tmp_path / "a")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o777 & ~mask
