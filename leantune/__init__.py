@@ -10,12 +10,15 @@ from .api import (  # noqa: E402
     disabled,
     fold,
     merge,
+    param_groups,
+    schedules,
     set_active,
     trainable_parameters,
     unload,
     unmerge,
 )
 from .core.rank_budget import rank_budget  # noqa: E402
+from .engine import MeZO  # noqa: E402  (zeroth-order optimizer: lt.MeZO(params, lr=..., eps=...))
 from .interop.lora_export import export_lora  # noqa: E402
 from .methods import *  # noqa: E402,F403  (every method's config class: lt.LoRA, ...)
 from .methods import __all__ as _method_classes  # noqa: E402
@@ -28,6 +31,7 @@ from .train.runner import train as finetune  # noqa: E402  (``lt.train`` is the 
 __all__ = [
     *_method_classes,
     "Callback",
+    "MeZO",
     "adapt",
     "adapters",
     "delete_adapter",
@@ -41,9 +45,11 @@ __all__ = [
     "load_adapter",
     "merge",
     "methods",
+    "param_groups",
     "rank_budget",
     "register",
     "save_adapter",
+    "schedules",
     "set_active",
     "trainable_parameters",
     "unload",

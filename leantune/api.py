@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import MethodConfig
 from .core.forms import Replace, Stack
+from .core.schedule import Schedule
 from .core.site import (
     Delta,
     Site,
@@ -30,7 +31,8 @@ from .registry import get_method, methods
 
 __all__ = [
     "adapt", "trainable_parameters", "merge", "unmerge", "unload", "disabled", "set_active",
-    "methods", "adapters", "delete_adapter", "adapter_paths", "fold",
+    "methods", "adapters", "delete_adapter", "adapter_paths", "fold", "schedules",
+    "param_groups",
 ]
 
 
@@ -149,6 +151,33 @@ def adapter_paths(model: nn.Module, name: str) -> Iterator[tuple[str, Site, Delt
     for path, site in iter_sites(model):
         if name in site.deltas:
             yield path, site, site.deltas[name]
+
+
+def _is_trained(model: nn.Module, name: str) -> bool:
+    """Adapter ``name`` is active somewhere and has parameters that require grad."""
+    return any(name in site.active and any(p.requires_grad for p in delta.parameters())
+               for _, site, delta in adapter_paths(model, name))
+
+
+def param_groups(model: nn.Module, lr: float) -> list[dict]:
+    """Optimizer groups for everything that trains in ``model``: each trained adapter's
+    method decides its parts' rates (``MethodConfig.param_groups``); any other
+    trainable tensor gets ``lr``. Pass them to any ``torch.optim`` optimizer."""
+    groups = [g for name, record in adapters(model).items() if _is_trained(model, name)
+              for g in record.config.param_groups(model, name, lr)]
+    seen = {id(p) for g in groups for p in g["params"]}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    return [g for g in [*groups, {"params": rest, "lr": lr}] if g["params"]]
+
+
+def schedules(model: nn.Module, total_steps: int | None = None) -> list[Schedule]:
+    """The training-time schedules of every adapter on ``model`` whose method has one
+    (AdaLoRA's rank budget, SpIEL's drop-and-grow, IST's layer sampling) among the adapters
+    a step trains (active, with trainable parameters), for a run of
+    ``total_steps`` optimizer steps; see core/schedule.py for how a loop drives them."""
+    found = [record.config.schedule(model, name, total_steps) for name, record in adapters(model).items()
+             if _is_trained(model, name)]
+    return [s for s in found if s is not None]
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from .core.families import expand_roles
+from .core.schedule import Schedule
 from .core.site import Delta
 from .core.weights import WEIGHT_TYPES
 
@@ -65,6 +66,19 @@ class MethodConfig:
         """The delta this method attaches at ``path``."""
         raise NotImplementedError
 
+    def param_groups(self, model: nn.Module, name: str, lr: float) -> list[dict[str, Any]]:
+        """Optimizer groups for adapter ``name`` trained at ``lr``: one group, unless the
+        method's parts want their own rates (DePT's prompt and low-rank update)."""
+        from .api import adapter_paths  # the api builds on configs; import at call time
+
+        params = [p for _, _, d in adapter_paths(model, name) for p in d.parameters() if p.requires_grad]
+        return [{"params": params, "lr": lr}]
+
+    def schedule(self, model: nn.Module, name: str, total_steps: int | None) -> Schedule | None:
+        """What adapter ``name`` does between optimizer steps of a ``total_steps`` run
+        (core/schedule.py), or ``None`` for a method that stays as attached."""
+        return None
+
     def folded(self) -> MethodConfig | None:
         """The config of the adapter after ``lt.fold`` (whose deltas become ``Delta.folded()``),
         or ``None`` when this method has no training-time reparameterisation to fold."""
@@ -88,6 +102,8 @@ class MethodConfig:
         """(name, type, default) of every field, for ``leantune methods``."""
         out = []
         for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
             )

@@ -20,24 +20,30 @@ def method_config(name: str, kind: str) -> lt.config.MethodConfig:
     return lt.get_method(name)(task=TASKS[kind])
 
 
-def calibration(kind: str) -> list[dict[str, torch.Tensor]]:
+def calibration(kind: str, device: str = "cpu") -> list[dict[str, torch.Tensor]]:
     """A few model-input dicts for methods whose init reads data."""
-    return [{k: v for k, v in batch(kind, seed=s).items() if k != "labels"} for s in (10, 11)]
+    return [{k: v.to(device) for k, v in batch(kind, seed=s).items() if k != "labels"} for s in (10, 11)]
 
 
-def train_steps(model: nn.Module, kind: str, steps: int = 4, lr: float = 1e-2) -> list[float]:
-    """A few AdamW steps on fixed batches; returns the losses."""
+def train_steps(model: nn.Module, kind: str, steps: int = 4, lr: float = 1e-2, device: str = "cpu") -> list[float]:
+    """A few AdamW steps on fixed batches, with the methods' schedules; returns the losses."""
     params = [p for p in model.parameters() if p.requires_grad]
     assert params, "the adapted model has no trainable parameters"
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedules = lt.schedules(model, steps)
     model.train()
     losses = []
     for step in range(steps):
-        out = model(**batch(kind, seed=100 + step % 2))
-        out.loss.backward()
+        inputs = {k: v.to(device) for k, v in batch(kind, seed=100 + step % 2).items()}
+        out = model(**inputs)
+        (out.loss + sum(s.loss_term(out.loss) for s in schedules)).backward()
         opt.step()
+        for s in schedules:
+            s.after_step(step + 1, opt, lambda inputs=inputs: float(model(**inputs).loss))
         opt.zero_grad()
         losses.append(out.loss.item())
+    for s in schedules:
+        s.finish()
     model.eval()
     return losses
 

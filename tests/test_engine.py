@@ -185,6 +185,22 @@ def test_fused_linear_traces_under_torch_compile_without_graph_breaks():
         assert torch.allclose(g, r, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_linear_without_grad_mode_is_plain_ops_and_compiles_without_graph_breaks():
+    """Forward-only use (inference, MeZO) skips the autograd.Function: same numbers, and
+    torch.compile traces it in one graph (it broke the graph at the Function under no_grad)."""
+    torch.manual_seed(0)
+    x, w, bias = torch.randn(2, 4, 6), torch.randn(5, 6), torch.randn(5)
+    a, b = _leaf(2, 6, dtype=torch.float32), _leaf(5, 2, dtype=torch.float32)
+    with_grad = lowrank_linear(x, w, bias, [(a, b, 0.5)])
+    assert type(with_grad.grad_fn).__name__ == "LowRankLinearBackward"
+    with torch.no_grad():
+        plain = lowrank_linear(x, w, bias, [(a, b, 0.5)])
+        compiled = torch.compile(lambda x: lowrank_linear(x, w, bias, [(a, b, 0.5)]), backend="eager",
+                                 fullgraph=True)(x)
+    assert plain.grad_fn is None and torch.equal(plain, with_grad.detach())
+    assert torch.allclose(compiled, plain, rtol=1e-6, atol=1e-6)
+
+
 def test_training_step_on_cpu_is_not_slower_than_peft():
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM

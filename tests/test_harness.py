@@ -132,3 +132,19 @@ def test_two_adapters_switch_and_stack(bases, name):
     lt.delete_adapter(model, "b")
     assert sorted(lt.adapters(model)) == ["a"]
     torch.testing.assert_close(outputs(model, inputs), out_a, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs on the lent GPU)")
+@pytest.mark.parametrize("name", METHODS)
+def test_adapts_trains_and_merges_on_cuda(bases, name):
+    """Every method's init (calibration, SVD, pruning), step and merge keep to the model's device."""
+    kind = "llama"
+    model = lt.adapt(copy.deepcopy(bases[kind]).cuda(), method_config(name, kind), calibration=calibration(kind, "cuda"))
+    losses = train_steps(model, kind, steps=3, device="cuda")
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(t.is_cuda for t in [*model.parameters(), *model.buffers()])
+    inputs = {k: v.cuda() for k, v in batch(kind, seed=7).items()}
+    before = outputs(model, inputs)
+    if lt.adapters(model)["default"].config.mergeable:
+        lt.merge(model)
+        torch.testing.assert_close(outputs(model, inputs), before, rtol=1e-3, atol=1e-3)

@@ -306,12 +306,12 @@ def test_prompt_init_from_text_and_vocabulary(bases, tmp_path):
 def test_dept_param_groups_and_length_limit(bases):
     cfg = lt.DePT(num_virtual_tokens=3, max_length=10, task="seq-cls")
     model = lt.adapt(copy.deepcopy(bases["bert-cls"]), cfg)
-    groups = cfg.param_groups(model)
+    groups = lt.param_groups(model, lr=1e-3)
     delta = virtual(model)
-    assert [g["lr"] for g in groups] == [cfg.prompt_lr, cfg.low_rank_lr]
-    assert groups[0]["params"] == [delta.weight]
-    assert {id(p) for p in groups[1]["params"]} == (
-        {id(delta.A), id(delta.B)} | {id(p) for p in model.classifier.deltas["default"].parameters()})
+    assert [g["lr"] for g in groups] == [cfg.prompt_lr, cfg.low_rank_lr, 1e-3]
+    assert groups[0]["params"] == [delta.weight] and groups[1]["params"] == [delta.A, delta.B]
+    assert {id(p) for p in groups[2]["params"]} == {id(p) for p in model.classifier.deltas["default"].parameters()}
+    assert [g["lr"] for g in lt.param_groups(lt.adapt(copy.deepcopy(bases["bert-cls"]), lt.LoRA()), 2e-3)] == [2e-3]
     torch.optim.AdamW(groups)
     with pytest.raises(ValueError, match="max_length=10"):
         model(**batch("bert-cls"))

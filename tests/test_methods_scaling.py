@@ -16,6 +16,7 @@ from torch import nn
 import leantune as lt
 from leantune.api import adapter_paths
 from leantune.core.families import block_of
+from leantune.registry import config_from_dict
 
 from .harness import train_steps
 from .models import MODELS, TASKS, batch, outputs, tiny_bert_cls, tiny_gpt2, tiny_llama
@@ -246,40 +247,96 @@ def _labelled(kind: str, seed: int) -> dict[str, torch.Tensor]:
     return batch(kind, seed=seed)
 
 
+def _ist_steps(model: nn.Module, opt: torch.optim.Optimizer, schedule, steps: range) -> list[list[str]]:
+    """Train with the schedule; the blocks each step was allowed to update."""
+    chosen = []
+    for step in steps:
+        chosen.append(list(schedule.selected))
+        inputs = _labelled("llama", step)
+        model(**inputs).loss.backward()
+        opt.step()
+        schedule.after_step(step + 1, opt, lambda inputs=inputs: float(model(**inputs).loss))
+        opt.zero_grad()
+    return chosen
+
+
 @pytest.mark.parametrize("method", [lt.LoRA(init="random"), lt.Houlsby()], ids=["lora", "houlsby"])
 def test_ist_updates_only_the_sampled_blocks(method):
-    model = lt.adapt(tiny_llama(), method)
+    model = lt.adapt(tiny_llama(), lt.IST(wraps=method, update_layers=1, probe_every=1, seed=0))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ist = lt.IST(model, opt, update_layers=1, probe_every=1, seed=0)
-    assert ist.blocks == ["model.layers.0", "model.layers.1"]
+    (schedule,) = lt.schedules(model, 4)
+    assert isinstance(schedule, lt.ISTSchedule) and schedule.blocks == ["model.layers.0", "model.layers.1"]
     for step in range(4):
-        chosen = ist.selected
         before = {n: p.detach().clone() for n, p in model.named_parameters() if ".deltas." in n}
-        ist.step(_labelled("llama", step))
+        (chosen,) = _ist_steps(model, opt, schedule, range(step, step + 1))
         after = dict(model.named_parameters())
         changed = {n for n, v in before.items() if not torch.equal(v, after[n])}
         assert changed and all(n.startswith(chosen[0] + ".") for n in changed)
-    assert (ist.importance != 0).all(), "every block was probed and scored"
+    assert (schedule.importance != 0).all(), "every block was probed and scored"
+    schedule.finish()
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".deltas." in n)
 
 
 def test_ist_samples_important_blocks_more_often_and_probes_by_suppression():
-    model = randomise(lt.adapt(tiny_llama(), lt.LoRA(init="random")))
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    ist = lt.IST(model, opt, update_layers=1, probe_layers=1, probe_every=1)
+    model = randomise(lt.adapt(tiny_llama(), lt.IST(wraps=lt.LoRA(init="random"), update_layers=1, probe_layers=1)))
+    (schedule,) = lt.schedules(model)
     inputs = _labelled("llama", 1)
     with torch.no_grad():
         on = model(**inputs).loss.item()
-        with ist.suppressed(["model.layers.1"]):
+        with schedule.suppressed(["model.layers.1"]):
             off = model(**inputs).loss.item()
             assert model.model.layers[0].self_attn.q_proj.active == ["default"]
         with lt.disabled(model):
             assert abs(model(**inputs).loss.item() - on) > 1e-4
     assert off != on and model.model.layers[1].self_attn.q_proj.active == ["default"]
-    ist.importance = torch.tensor([0.0, 1.0])
+    schedule.importance = torch.tensor([0.0, 1.0])
     counts = torch.zeros(2)
     for _ in range(200):
-        ist.resample()
-        counts[ist.blocks.index(ist.selected[0])] += 1
+        schedule.resample()
+        counts[schedule.blocks.index(schedule.selected[0])] += 1
     assert counts[1] > 3 * counts[0]
-    ist.finish()
-    assert all(p.requires_grad for n, p in model.named_parameters() if ".deltas." in n)
+
+
+def test_ist_schedule_state_resumes_the_same_sampling():
+    def fresh():
+        model = lt.adapt(tiny_llama(), lt.IST(wraps=lt.LoRA(init="random"), update_layers=1, probe_every=2, seed=5))
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        return model, opt, lt.schedules(model)[0]
+
+    model, opt, schedule = fresh()
+    _ist_steps(model, opt, schedule, range(3))
+    state = copy.deepcopy(schedule.state_dict())
+    expected = _ist_steps(model, opt, schedule, range(3, 9))
+    other_model, other_opt, other = fresh()
+    other.load_state_dict(state)
+    other_model.load_state_dict(model.state_dict())
+    assert _ist_steps(other_model, other_opt, other, range(3, 9)) == expected
+    assert not other.distributed_ok
+
+
+def test_ist_wraps_any_method_saves_loads_and_forwards_the_inner_schedule(tmp_path):
+    config = lt.IST(wraps={"method": "adalora", "init_r": 4, "target_r": 2, "total_step": 6}, task="seq-cls")
+    assert config.inner.task == "seq-cls" and config.mergeable
+    assert lt.get_method("ist") is lt.IST and config_from_dict(config.to_dict()) == config
+    model = lt.adapt(tiny_bert_cls(), config)
+    (schedule,) = lt.schedules(model, 6)
+    assert schedule.inner is not None and schedule.loss_term(torch.tensor(0.0)) > 0  # AdaLoRA's orthogonality
+    train_steps(model, "bert-cls", steps=6)
+    ranks = lt.rank_budget(model).ranks()
+    assert sum(ranks) == 2 * len(ranks), "the wrapped AdaLoRA pruned to its target rank"
+    lt.save_adapter(model, tmp_path / "a")
+    again = lt.load_adapter(tiny_bert_cls(), tmp_path / "a")
+    inputs = {k: v for k, v in batch("bert-cls", seed=1).items() if k != "labels"}
+    torch.testing.assert_close(outputs(again, inputs), outputs(model, inputs), rtol=0, atol=0)
+
+
+def test_ist_rejects_bad_settings():
+    with pytest.raises(ValueError, match="wraps must be another method"):
+        lt.IST(wraps=lt.IST())
+    with pytest.raises(KeyError, match="unknown method"):
+        lt.IST(wraps="lorra")
+    with pytest.raises(ValueError, match="probe_every"):
+        lt.IST(probe_every=0)
+    model = lt.adapt(tiny_llama(), lt.IST(update_layers=5))
+    with pytest.raises(ValueError, match="update_layers and probe_layers must be in 1..2"):
+        lt.schedules(model)

@@ -70,9 +70,19 @@ def test_every_problem_is_reported_at_once_with_the_nearest_key(tmp_path):
     ("model.name=./no-such-model", "model.name: no model folder at './no-such-model'"),
     ("output.dir=", "output.dir: required"),
     ("task.packing=true", "task.packing: only causal-lm examples can be packed"),
+    ("training.distributed=fsdp", "training.distributed: 'fsdp' is not one of auto, ddp, fsdp2; did you mean 'fsdp2'?"),
 ])
 def test_single_problems_name_their_key(tmp_path, override, expected):
     assert expected in problems(seqcls_config(tmp_path / "run"), [override])
+
+
+def test_fsdp2_refuses_fp16_and_overrides_leave_the_callers_mapping_alone(tmp_path):
+    raw = seqcls_config(tmp_path / "run")
+    message = problems(raw, ["training.distributed=fsdp2", "training.precision=fp16"])
+    assert "training.precision: fp16 needs a grad scaler" in message and "use bf16" in message
+    assert load(raw, ["training.distributed=fsdp2"]).training.distributed == "fsdp2"
+    assert "distributed" not in raw["training"], "the override went into a copy"
+    assert load(raw).training.distributed == "auto"
 
 
 def test_bad_override_syntax(tmp_path):

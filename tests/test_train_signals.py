@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -76,4 +77,37 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     resumed = train(None, config, resume=True)
     assert (resumed.step, resumed.stopped) == (6, False)
     assert not list(checkpoints.glob(".*")), "the half-written folder is swept away"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_ctrl_c_under_torchrun_saves_a_checkpoint_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    config = seqcls_config(out, max_steps=100_000, batch_size=4)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "leantune.cli", "train", str(path)]
+    proc = subprocess.Popen(torchrun, env=subprocess_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, proc)
+    # A terminal's Ctrl-C: torchrun and both workers get SIGINT, and torchrun forwards its own copy to the
+    # workers a moment later (which must not count as the second Ctrl-C that aborts).
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    # The workers save, print and exit 130; torchrun then reports the signal it got itself (exit 1 and a
+    # SignalException traceback: torchrun's own behaviour, documented in docs/training.md).
+    assert proc.returncode == 1, err[-3000:]
+    assert "SignalException" in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert err.count("Ctrl-C: saving a checkpoint") == 2 and err.count("continue with --resume") == 1, err[-3000:]
+    assert "forcefully exiting" not in err, "the workers ended within torchrun's shutdown timeout"
+    (checkpoint,) = (out / "checkpoints").iterdir()
+    step = json.loads((checkpoint / "state.json").read_text())["step"]
+    assert checkpoint.name == f"step-{step:06d}" and step >= 2
+    assert [r["step"] for r in map(json.loads, metrics.read_text().splitlines())] == list(range(1, step + 1))
+
+    resumed = subprocess.run([*torchrun, "--resume", "--set", f"training.max_steps={step + 2}"],
+                             env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming at step {step}" in resumed.stderr and f"done, {step + 2} steps" in resumed.stderr
     assert (out / "adapter" / "adapter_model.safetensors").is_file()

@@ -8,12 +8,12 @@ import random
 import pytest
 import torch
 from torch import nn
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, GPT2LMHeadModel
 
-from leantune.train.config import TaskSection
+from leantune.train.config import ConfigError, TaskSection
 from leantune.train.logs import read_metrics
 from leantune.train.runner import train
-from leantune.train.tasks import IGNORE, CausalLM, TokenClassification
+from leantune.train.tasks import IGNORE, CausalLM, TokenClassification, check_packing
 
 from .train_helpers import (
     FILLER,
@@ -71,9 +71,42 @@ def test_sft_truncation_keeps_the_response_and_packing_keeps_every_token():
     rows = sft_rows(10)
     plain = [causal(tok, max_length=16).encode(r) for r in rows]
     packed = causal(tok, max_length=16, packing=True).examples(rows)
-    assert [len(p["input_ids"]) for p in packed[:-1]] == [16] * (len(packed) - 1)
-    assert [i for p in packed for i in p["labels"]] == [i for e in plain for i in e["labels"]]
-    assert [i for p in packed for i in p["input_ids"]] == [i for e in plain for i in e["input_ids"]]
+    assert [len(p["input_ids"]) for p in packed] == [16] * len(packed) and "attention_mask" not in packed[0]
+    n = sum(len(e["input_ids"]) for e in plain)
+    assert [i for p in packed for i in p["labels"]][:n] == [i for e in plain for i in e["labels"]]
+    assert [i for p in packed for i in p["input_ids"]][:n] == [i for e in plain for i in e["input_ids"]]
+    tail = [i for p in packed for i in p["labels"]][n:]
+    assert len(tail) < 16 and set(tail) <= {IGNORE}, "the last row is filled with unlabelled padding"
+    # positions restart at every example (and at the padding): that is what keeps attention within one
+    assert [i for p in packed for i in p["position_ids"]][:n] == [i for e in plain for i in range(len(e["input_ids"]))]
+
+
+def test_packed_rows_give_each_example_the_loss_it_has_alone():
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir())
+    model = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir()).eval()
+    check_packing(model)
+    rows = sft_rows(6)
+    task = causal(tok, max_length=64, packing=True)
+    packed = task.collate(list(task.examples(rows)))
+    alone = [task.collate([task.encode(r)]) for r in rows]
+    with torch.no_grad():
+        total = task.loss(model, packed) * (packed["labels"][:, 1:] != IGNORE).sum()
+        each = sum(task.loss(model, b) * (b["labels"][:, 1:] != IGNORE).sum() for b in alone)
+    torch.testing.assert_close(total, each, rtol=1e-5, atol=1e-5)
+
+
+def test_packing_is_refused_for_a_model_that_attends_across_examples():
+    class RunningMean(nn.Module):  # every position sees every earlier token, whatever position_ids say
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.head = nn.Embedding(32, 8), nn.Linear(8, 32)
+
+        def forward(self, input_ids, position_ids=None, use_cache=None):
+            h = self.embed(input_ids).cumsum(1) / torch.arange(1, input_ids.shape[1] + 1)[:, None]
+            return self.head(h)
+
+    with pytest.raises(ConfigError, match="task.packing: RunningMean lets packed examples attend to each other"):
+        check_packing(RunningMean())
 
 
 def test_causal_lm_sft_trains_and_reports_perplexity(tmp_path):

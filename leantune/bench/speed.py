@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import leantune as lt
-from leantune.engine import causal_lm_loss, configure
+from leantune.engine import MeZO, causal_lm_loss, configure
 
 SIZES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -42,12 +42,29 @@ SIZES = {
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 16, 32
 DEFAULT_MODES = ["full_compile", "peft", "peft_compile", "peft_gc_compile", "frozen_compile", "fwd",
-                 "lt", "lt_compile", "lt_lean_compile"]
+                 "fwd_loss_compile", "lt", "lt_compile", "lt_lean_compile", "lt_lst_compile", "lt_mezo_compile"]
+# The issue's acceptance ratios: (name, ours, theirs, what is compared).
+RATIOS = [
+    ("lt_vs_peft", "lt_compile", "peft_compile", "tok_s"), ("lt_vs_peft", "lt_compile", "peft_compile", "peak_gib"),
+    ("lt_vs_full", "lt_compile", "full_compile", "tok_s"), ("lt_vs_bound", "lt_compile", "frozen_compile", "tok_s"),
+    ("lean_vs_peft_gc", "lt_lean_compile", "peft_gc_compile", "tok_s"),
+    ("lean_vs_peft_gc", "lt_lean_compile", "peft_gc_compile", "peak_gib"),
+    ("lst_vs_peft", "lt_lst_compile", "peft_compile", "tok_s"), ("lst_vs_full", "lt_lst_compile", "full_compile", "peak_gib"),
+    ("lst_int8_vs_peft", "lt_lst_int8_compile", "peft_compile", "tok_s"),
+    ("lst_int8_vs_full", "lt_lst_int8_compile", "full_compile", "peak_gib"),
+    ("mezo_vs_fwd_loss", "lt_mezo_compile", "fwd_loss_compile", "peak_gib"),
+    ("lt_eager_vs_peft_eager", "lt", "peft", "tok_s"),
+]
 LABELS = {
     "full": "full fine-tuning", "peft": "HF PEFT LoRA", "peft_gc": "HF PEFT LoRA + grad. ckpt",
     "frozen": "frozen backbone (bound)", "fwd": "forward only", "lt": "leantune LoRA",
     "lt_lean": "leantune LoRA, lean", "lt_hfloss": "leantune LoRA, HF loss",
+    "lt_lst": "leantune LST (side network, width / 8)",
+    "lt_lst_int8": "leantune LST, int8-kept ladder inputs",
+    "fwd_loss": "forward + chunked loss (MeZO memory bound)", "lt_mezo": "leantune LoRA, MeZO (2 forwards)",
 }
+# MeZO's step size and perturbation (the paper's LoRA range; --lr is AdamW's).
+MEZO_LR, MEZO_EPS = 1e-4, 1e-2
 # Batch tokens come from a small sub-vocabulary, so the loss visibly falls within a few steps.
 TOKEN_RANGE = 2048
 
@@ -73,6 +90,7 @@ class Setup:
     params: list[nn.Parameter]
     model: nn.Module
     flops_factor: int  # FLOPs per token per parameter: 6 full, 4 frozen base, 2 forward
+    optimizer: str = "adamw"  # "adamw" (backward), "mezo" (forward-only steps) or "none" (loss under no_grad)
 
 
 def build(size: str, device: str) -> nn.Module:
@@ -110,6 +128,9 @@ def setup(mode: str, model: nn.Module) -> Setup:
     if mode == "fwd":
         model.requires_grad_(False)
         return Setup(None, [], model, 2)
+    if mode == "fwd_loss":  # what MeZO's memory is measured against: one forward with the chunked loss
+        model.requires_grad_(False)
+        return Setup(partial(causal_lm_loss, model), [], model, 2, optimizer="none")
     if mode in ("full", "frozen"):
         if mode == "frozen":  # backprop through a frozen backbone, no adapter: the bound
             model.requires_grad_(False)
@@ -126,13 +147,25 @@ def setup(mode: str, model: nn.Module) -> Setup:
             model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.base_model.model.enable_input_require_grads()
         return Setup(partial(_hf_loss, model), [p for p in model.parameters() if p.requires_grad], model, 4)
+    if mode in ("lt_lst", "lt_lst_int8"):
+        # The backbone runs without autograd: 2 FLOPs per token per base parameter. The side
+        # network (width / 8, about 1/64 of the backbone's matrix work, trained) is not counted.
+        lt.adapt(model, lt.LST(ladder_bits=8 if mode == "lt_lst_int8" else None))
+        return Setup(partial(causal_lm_loss, model), [p for p in model.parameters() if p.requires_grad], model, 2)
     if mode.startswith("lt"):
         lt.adapt(model, lt.LoRA(r=RANK, alpha=ALPHA, targets=TARGETS))
         seed_lora_a([(path, d.A) for path, _, d in lt.api.adapter_paths(model, "default")])
         if mode == "lt_lean":
             configure(model, lean=True)
         loss = partial(_hf_loss, model) if mode == "lt_hfloss" else partial(causal_lm_loss, model)
-        return Setup(loss, [p for p in model.parameters() if p.requires_grad], model, 4)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if mode == "lt_mezo":
+            # A MeZO step is two forward passes (at θ+εz and θ-εz), 2 FLOPs per token per
+            # parameter each: 4 in all, as much as a backprop step over a frozen base, counted
+            # on the same base-parameter total (the perturb/update passes over the LoRA
+            # parameters are not counted: they are tiny and not matrix products).
+            return Setup(loss, params, model, 4, optimizer="mezo")
+        return Setup(loss, params, model, 4)
     raise ValueError(f"unknown mode {mode!r}; known: {', '.join(LABELS)} (each also with _compile or _compile_cg)")
 
 
@@ -151,6 +184,13 @@ def _one_step(s: Setup, loss_fn: Callable, opt: torch.optim.Optimizer | None, id
     if s.loss is None:
         with torch.no_grad():
             loss_fn(input_ids=ids)
+        return
+    if s.optimizer == "none":
+        with torch.no_grad():
+            loss_fn(ids, ids)
+        return
+    if s.optimizer == "mezo":
+        opt.step(partial(loss_fn, ids, ids))
         return
     loss_fn(ids, ids).backward()
     if opt is not None:
@@ -181,6 +221,8 @@ def run_mode(label: str, size: str, data: list[torch.Tensor], steps: int, warmup
     if compile_mode is not None:
         loss_fn = torch.compile(loss_fn, mode=compile_mode)
     opt = torch.optim.AdamW(s.params, lr=lr, fused=device == "cuda") if s.params else None
+    if s.optimizer == "mezo":
+        opt = MeZO(s.params, lr=MEZO_LR, eps=MEZO_EPS, seed=0)
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -192,6 +234,11 @@ def run_mode(label: str, size: str, data: list[torch.Tensor], steps: int, warmup
         if s.loss is None:
             with torch.no_grad():
                 loss_fn(input_ids=ids)
+        elif s.optimizer == "none":
+            with torch.no_grad():
+                loss = loss_fn(ids, ids)
+        elif s.optimizer == "mezo":  # both forwards run inside the step, under no_grad
+            loss = opt.step(partial(loss_fn, ids, ids))
         else:
             loss = loss_fn(ids, ids)
             if device == "cuda":  # where the peak falls: end of forward, or later
@@ -214,7 +261,8 @@ def run_mode(label: str, size: str, data: list[torch.Tensor], steps: int, warmup
         mode=label, name=LABELS[mode] + COMPILE_LABELS[compile_mode], size=size,
         bs=data[0].shape[0], seq=data[0].shape[1], step_s=round(step_s, 4), tok_s=round(tokens / step_s),
         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
-        peak_fwd_gib=round(peak_fwd / 2**30, 2) if device == "cuda" and s.loss is not None else None,
+        peak_fwd_gib=(round(peak_fwd / 2**30, 2)
+                      if device == "cuda" and s.loss is not None and s.optimizer == "adamw" else None),
         first_step_s=round(times[0], 1), n_train=sum(p.numel() for p in s.params),
         tflops=round(s.flops_factor * n_base * tokens / step_s / 1e12, 1), graph_breaks=breaks, losses=losses,
     )
@@ -242,6 +290,17 @@ def loss_match(results: list[dict], ours: str, theirs: str) -> dict | None:
     rel = [abs(x - y) / abs(y) for x, y in zip(a, b, strict=True)]
     return dict(ours=ours, theirs=theirs, steps=len(rel), max_rel_diff=max(rel), mean_rel_diff=sum(rel) / len(rel),
                 first=(a[0], b[0]), last=(a[-1], b[-1]))
+
+
+def ratios(results: list[dict]) -> list[dict]:
+    """Every acceptance ratio whose two modes both ran (throughput: higher is better; memory: lower)."""
+    by = {r["mode"]: r for r in results if "error" not in r}
+    out = []
+    for name, ours, theirs, key in RATIOS:
+        if ours in by and theirs in by and by[ours].get(key) and by[theirs].get(key):
+            out.append(dict(name=name, ours=ours, theirs=theirs, metric=key,
+                            ratio=round(by[ours][key] / by[theirs][key], 3)))
+    return out
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -278,14 +337,16 @@ def run(args: argparse.Namespace) -> int:
     data = batches(args.size, args.distinct_batches, args.batch, args.seq, device)
     results = []
     for label in [m.strip() for m in args.modes.split(",") if m.strip()]:
-        oom = False
+        error = None
         try:
             res = run_mode(label, args.size, data, args.steps, args.warmup, args.lr, device,
                            Path(args.out or ".") / f"profile_{args.size}.txt" if args.profile else None)
         except torch.OutOfMemoryError:
-            oom = True
-        if oom:
-            res = dict(mode=label, size=args.size, error="OOM")
+            error = "OOM"
+        except Exception as err:  # one failing mode must not cost the others their numbers
+            error = f"{type(err).__name__}: {err}"
+        if error is not None:
+            res = dict(mode=label, size=args.size, error=error)
         torch._dynamo.reset()
         gc.collect()
         if device == "cuda":
@@ -295,13 +356,13 @@ def run(args: argparse.Namespace) -> int:
         report = dict(
             size=args.size, device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
             torch=torch.__version__, steps=args.steps, warmup=args.warmup, lr=args.lr, argv=sys.argv[1:],
-            results=results, loss_match=[m for m in (loss_match(results, a, b) for a, b in rival_pairs(results)) if m],
+            results=results, ratios=ratios(results), loss_match=[m for m in (loss_match(results, a, b) for a, b in rival_pairs(results)) if m],
         )
         if args.out:  # after every mode, so a run cut short still leaves its numbers
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             (out / f"speed_{args.size}.json").write_text(json.dumps(report, indent=1) + "\n")
-    for m in report["loss_match"]:
+    for m in [*report["ratios"], *report["loss_match"]]:
         print(json.dumps(m), flush=True)
     if args.out:
         print(draw(report, Path(args.out) / f"speed_{args.size}.png"))

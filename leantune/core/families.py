@@ -2,9 +2,9 @@
 
 Each role maps to module-name suffixes (the ``targets`` form), or to one
 full-match regex where no suffix is unambiguous (BERT's ``output.dense`` ends both
-the attention and the FFN sub-blocks). A method's default targets name a role;
-:func:`role_targets` resolves it for the model at hand and says what to set when
-the family is unknown.
+the attention and the FFN sub-blocks); ``block`` is the repeated transformer block.
+A method's default targets name a role; :func:`role_targets` resolves it for the
+model at hand and says what to set when the family is unknown.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ _LLAMA = {
     "attn_q": ["q_proj"], "attn_k": ["k_proj"], "attn_v": ["v_proj"], "attn_out": ["o_proj"],
     "attn_block": ["self_attn"], "ffn_block": ["mlp"], "ffn_in": ["gate_proj", "up_proj"],
     "ffn_act": ["up_proj"], "ffn_out": ["down_proj"], "norm": ["input_layernorm", "post_attention_layernorm", "norm"],
+    "block": r"(.*\.)?layers\.\d+",
 }
 _GPT2 = {
     "attn_q": ["attn.c_attn"], "attn_k": ["attn.c_attn"], "attn_v": ["attn.c_attn"], "attn_out": ["attn.c_proj"],
     "attn_block": ["attn"], "ffn_block": ["mlp"], "ffn_in": ["mlp.c_fc"], "ffn_act": ["mlp.c_fc"],
-    "ffn_out": ["mlp.c_proj"], "norm": ["ln_1", "ln_2", "ln_f"],
+    "ffn_out": ["mlp.c_proj"], "norm": ["ln_1", "ln_2", "ln_f"], "block": r"(.*\.)?h\.\d+",
 }
 # Post-LN BERT has no single FFN module: its output block ``BertOutput(ffn_hidden, input_tensor)``
 # closes the FFN sub-block and receives the FFN input as its residual ``input_tensor``.
@@ -31,13 +32,14 @@ _BERT = {
     "attn_q": ["query"], "attn_k": ["key"], "attn_v": ["value"], "attn_out": ["attention.output.dense"],
     "attn_block": ["attention"], "ffn_block": r"(.*\.)?layer\.\d+\.output", "ffn_in": ["intermediate.dense"],
     "ffn_act": ["intermediate.dense"], "ffn_out": r"(.*\.)?layer\.\d+\.output\.dense", "norm": ["LayerNorm"],
+    "block": r"(.*\.)?layer\.\d+",
 }
 _T5 = {
     "attn_q": ["SelfAttention.q", "EncDecAttention.q"], "attn_k": ["SelfAttention.k", "EncDecAttention.k"],
     "attn_v": ["SelfAttention.v", "EncDecAttention.v"], "attn_out": ["SelfAttention.o", "EncDecAttention.o"],
     "attn_block": ["SelfAttention", "EncDecAttention"], "ffn_block": ["DenseReluDense"],
     "ffn_in": ["wi", "wi_0", "wi_1"], "ffn_act": ["wi", "wi_1"], "ffn_out": ["wo"],
-    "norm": ["layer_norm", "final_layer_norm"],
+    "norm": ["layer_norm", "final_layer_norm"], "block": r"(.*\.)?block\.\d+",
 }
 
 FAMILIES: dict[str, dict[str, Pattern]] = {

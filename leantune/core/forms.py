@@ -119,6 +119,11 @@ class Stack(Delta):
             h = p.post(base, x, h)
         return h
 
+    def post_call(self, base: nn.Module, x: torch.Tensor, h: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        for p in self.parts:
+            h = p.post_call(base, x, h, args, kwargs)
+        return h
+
     def merge(self, base: nn.Module) -> None:
         for p in self.parts:
             p.merge(base)

@@ -13,7 +13,8 @@ where it matters; both need the same three parts, written here once:
   curve between ``tinit`` and ``total_step − tfinal``.
 
 A method supplies the policy (prune to the budget, or grow to it). A training
-loop drives everything through one callback::
+loop drives everything through one :class:`~leantune.core.schedule.Schedule`
+(``leantune train`` and the quality benchmark do this by themselves)::
 
     budget = lt.rank_budget(model, total_step=1000)
     for step, batch in enumerate(data):
@@ -25,12 +26,15 @@ loop drives everything through one callback::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from .factored import Factored
+from .schedule import Schedule
 from .weights import WeightView
 
 # Which axis of each tensor of an SVDLowRank indexes its r components.
@@ -180,8 +184,8 @@ class BudgetPlan:
     policy: PruneToBudget | GrowToBudget
 
 
-class RankBudget:
-    """The training-loop callback; build it with :func:`rank_budget`."""
+class RankBudget(Schedule):
+    """The training-loop schedule; build it with :func:`rank_budget`."""
 
     def __init__(self, deltas: list[SVDLowRank], plan: BudgetPlan) -> None:
         if not deltas:
@@ -224,6 +228,30 @@ class RankBudget:
         terms = [d.orthogonality() for d in self.deltas]
         return self.plan.orth_reg_weight * torch.stack(terms).sum() / (2 * len(terms))
 
+    def loss_term(self, loss: torch.Tensor) -> torch.Tensor | float:
+        return self.penalty() if self.plan.orth_reg_weight else 0.0
+
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer, loss_of: Callable[[], float]) -> None:
+        self.step(step)
+
+    def state_dict(self) -> dict[str, Any]:
+        params = [getattr(d, n) for d in self.deltas for n in COMPONENT_AXES]
+        imp = self.importance
+        kept = getattr(self.plan.policy, "kept", None)
+        return {"sensitivity": [imp.sensitivity.get(id(p)) for p in params],
+                "uncertainty": [imp.uncertainty.get(id(p)) for p in params],
+                "kept": kept}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        params = [getattr(d, n) for d in self.deltas for n in COMPONENT_AXES]
+        imp = self.importance
+        imp.reset()
+        for p, sens, unc in zip(params, state["sensitivity"], state["uncertainty"], strict=True):
+            if sens is not None:
+                imp.sensitivity[id(p)], imp.uncertainty[id(p)] = sens.to(p.device), unc.to(p.device)
+        if state.get("kept") is not None:
+            self.plan.policy.kept = state["kept"]
+
     def ranks(self) -> list[int]:
         """The rank each module uses now, in module order."""
         return [d.rank() for d in self.deltas]
@@ -240,7 +268,7 @@ def rank_budget(model: nn.Module, name: str = "default", total_step: int | None 
     if name not in have:
         raise KeyError(f"no adapter named {name!r}; this model has {sorted(have) or 'none'}")
     config = have[name].config
-    plan_for = getattr(config, "budget_plan", None)
+    plan_for = next((c.budget_plan for c in config.components() if hasattr(c, "budget_plan")), None)
     if plan_for is None:
         raise TypeError(f"adapter {name!r} uses {config.name}, which has no rank budget; use adalora or increlora")
     deltas = [d for _, _, d in adapter_paths(model, name) if isinstance(d, SVDLowRank)]

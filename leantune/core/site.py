@@ -39,6 +39,11 @@ class Delta(nn.Module):
         """Compose with the base output ``h``; ``x`` is the site's original input."""
         return h
 
+    def post_call(self, base: nn.Module, x: torch.Tensor, h: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """:meth:`post`, for deltas that also read the site's other call arguments (a side network
+        that re-runs a block needs the mask and position embeddings the block got)."""
+        return self.post(base, x, h)
+
     def delta_weight(self, base: nn.Module) -> torch.Tensor | None:
         """The additive change to ``base.weight`` (fp32), for forms linear in the weight."""
         return None
@@ -116,7 +121,7 @@ class Site(nn.Module):
         h, rebuild = _split_output(out)
         original_input = x
         for d in live:
-            h = d.post(self.base, original_input, h)
+            h = d.post_call(self.base, original_input, h, args, kwargs)
         return rebuild(h)
 
     @staticmethod

@@ -32,19 +32,13 @@ class LowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scales, *factors):
-        flat = x.reshape(-1, x.shape[-1])
-        out = F.linear(flat, weight, bias)
-        projected = []
-        for i, s in enumerate(scales):
-            xa = flat @ factors[2 * i].to(x.dtype).T
-            out.addmm_(xa, factors[2 * i + 1].to(x.dtype).T, alpha=s)
-            projected.append(xa)
+        out, flat, projected = _forward(x, weight, bias, scales, factors)
         wants = ctx.needs_input_grad
         keep_x = wants[1] or any(wants[4::2])
         ctx.scales = scales
         ctx.x_shape = x.shape
         ctx.save_for_backward(flat if keep_x else None, weight, *factors, *projected)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -71,11 +65,29 @@ class LowRankLinear(torch.autograd.Function):
         return (grad_x, grad_w, grad_bias, None, *grads)
 
 
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scales: Sequence[float],
+             factors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(output, flattened input, ``x Aᵀ`` per delta): the arithmetic of the forward pass."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = F.linear(flat, weight, bias)
+    projected = []
+    for i, s in enumerate(scales):
+        xa = flat @ factors[2 * i].to(x.dtype).T
+        out.addmm_(xa, factors[2 * i + 1].to(x.dtype).T, alpha=s)
+        projected.append(xa)
+    return out.reshape(*x.shape[:-1], out.shape[-1]), flat, projected
+
+
 def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    factors: Sequence[Factors]) -> torch.Tensor:
-    """``x Wᵀ + b + Σ scale · (x Aᵀ) Bᵀ`` through :class:`LowRankLinear`."""
+    """``x Wᵀ + b + Σ scale · (x Aᵀ) Bᵀ`` through :class:`LowRankLinear`; with grad mode off
+    (inference, MeZO's forward-only steps) as plain operations, since there is no backward
+    to save for, and torch.compile breaks the graph at the Function there."""
     flat = [t for a, b, _ in factors for t in (a, b)]
-    return LowRankLinear.apply(x, weight, bias, tuple(s for _, _, s in factors), *flat)
+    scales = tuple(s for _, _, s in factors)
+    if not torch.is_grad_enabled():
+        return _forward(x, weight, bias, scales, flat)[0]
+    return LowRankLinear.apply(x, weight, bias, scales, *flat)
 
 
 def fused_forward(base: nn.Module, deltas: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor | None:

@@ -6,10 +6,11 @@ from .compose import Compose
 from .dept import DePT
 from .dsee import DSEE
 from .hft import HFT
-from .ist import IST
+from .ist import IST, ISTSchedule
 from .lopt import LoPT
 from .lora import LoRA
 from .lora_variants import DoRA, DyLoRA, LoRAFA, RsLoRA, set_dylora_rank
+from .lst import LST
 from .lt_sft import LTSFT, LTSFTPhases
 from .mam import MAM
 from .mask_tuning import MaskTuning
@@ -27,10 +28,10 @@ from .svd_init import CorDA, PiSSA, SVFit
 from .unipelt import UniPELT
 
 __all__ = [
-    "BitFit", "Compacter", "HFT", "Houlsby", "IA3", "IST", "LNTuning", "ParallelAdapter", "Pfeiffer",
+    "BitFit", "Compacter", "HFT", "Houlsby", "IA3", "IST", "ISTSchedule", "LNTuning", "ParallelAdapter", "Pfeiffer",
     "SparseAdapter", "SSF",
     "Compose", "LoRA", "PrefixTuning", "PTuningV2", "PromptTuning",
-    "DePT", "LoPT", "MAM", "ResidualPromptTuning", "UniPELT",
+    "DePT", "LoPT", "LST", "MAM", "ResidualPromptTuning", "UniPELT",
     "DSEE", "LTSFT", "LTSFTPhases", "MaskTuning", "PaCA", "SAID", "SaRA", "SpIEL", "SpIELSchedule",
     "sara_penalty", "LQLoRA", "QLoRA",
     "AdaLoRA", "CorDA", "DoRA", "DyLoRA", "IncreLoRA", "LoRAFA", "MoS", "NoLA", "PiSSA", "RsLoRA", "SVFit",

@@ -221,13 +221,13 @@ def _snip_gradients(model: nn.Module, made: dict[str, Bottleneck], batches: list
     occasion. L is the model's loss; without labels, the LM loss on the inputs (causal LMs) or
     the cross-entropy with the model's own predictions."""
     tmp = "__snip__"
-    weights = [proj.weight for d in made.values() for proj in (d.down, d.up)]
-    total = [torch.zeros_like(w) for w in weights]
     device = next(model.parameters()).device
     for path, delta in made.items():
         site = site_at(model, path)
         site.deltas[tmp] = delta.to(device)
         site.active.append(tmp)
+    weights = [proj.weight for d in made.values() for proj in (d.down, d.up)]
+    total = [torch.zeros_like(w) for w in weights]  # on the model's device, like the weights now
     try:
         for batch in batches:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

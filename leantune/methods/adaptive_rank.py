@@ -1,7 +1,7 @@
 """Methods that move rank between layers while training: AdaLoRA (prune) and IncreLoRA (grow).
 
 Both are the SVD form ``B diag(E) A`` driven by the one rank-budget mechanism in
-:mod:`leantune.core.rank_budget`; the training loop calls ``lt.rank_budget(model).step(step)``.
+:mod:`leantune.core.rank_budget`; training loops drive it through ``MethodConfig.schedule`` (``lt.rank_budget`` by hand).
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from typing import Any, ClassVar
 from torch import nn
 
 from ..config import MethodConfig, config_field
-from ..core.rank_budget import BudgetPlan, GrowToBudget, PruneToBudget, SVDLowRank
+from ..core.rank_budget import BudgetPlan, GrowToBudget, PruneToBudget, RankBudget, SVDLowRank, rank_budget
 from ..core.weights import LINEAR_TYPES, weight_view
 from ..registry import register
 from .lora import pattern_value
 
 
 @dataclass
-class _Schedule(MethodConfig):
+class _BudgetFields(MethodConfig):
     """Fields of the rank-budget schedule shared by the adaptive methods (see core/rank_budget.py)."""
 
     alpha: float = 8.0
@@ -45,6 +45,10 @@ class _Schedule(MethodConfig):
         if self.delta_t <= 0:
             raise ValueError(f"{self.name}: delta_t must be a positive number of steps, got {self.delta_t}")
 
+    def schedule(self, model: nn.Module, name: str, total_steps: int | None) -> RankBudget:
+        """The rank budget over the run (``total_step`` from the config when set, else the loop's)."""
+        return rank_budget(model, name, None if self.total_step is not None else total_steps)
+
     def _plan(self, target: int, total_step: int | None, policy: PruneToBudget | GrowToBudget) -> BudgetPlan:
         total = total_step if total_step is not None else self.total_step
         if total is None or total <= 0:
@@ -56,7 +60,7 @@ class _Schedule(MethodConfig):
 
 @register
 @dataclass
-class AdaLoRA(_Schedule):
+class AdaLoRA(_BudgetFields):
     """AdaLoRA (Zhang et al., 2023): ``ΔW = B diag(E) A · alpha / init_r`` per module, starting at
     ``init_r`` components; the rank budget prunes singular values by importance down to an average
     of ``target_r`` on a cubic schedule (``tinit`` warm-up, ``tfinal`` fixed end, every ``delta_t``
@@ -119,7 +123,7 @@ class AdaLoRA(_Schedule):
 
 @register
 @dataclass
-class IncreLoRA(_Schedule):
+class IncreLoRA(_BudgetFields):
     """IncreLoRA (Zhang et al., 2023): every module starts with ``init_r`` active components of
     ``max_r``; every ``delta_t`` steps the rank budget gives more to the modules with the highest
     importance, until the average rank reaches ``target_r``. ``ΔW = B diag(E) A · alpha / max_r``;

@@ -42,8 +42,8 @@ class DePT(PromptConfig):
     """DePT, decomposed prompt tuning (Shi & Lipani, 2024): a shorter prompt plus a
     low-rank update ``(alpha / sqrt(r)) · A B`` of the input token embeddings, by
     position up to ``max_length``. The two parts want different learning rates:
-    ``torch.optim.AdamW(cfg.param_groups(model))`` uses ``prompt_lr`` for the prompt
-    and ``low_rank_lr`` for ``A``, ``B`` and any head.
+    training loops (``lt.param_groups(model, lr)``) give the prompt ``prompt_lr``,
+    ``A`` and ``B`` ``low_rank_lr`` and a task head the run's rate.
     """
 
     num_virtual_tokens: int = 10
@@ -64,10 +64,17 @@ class DePT(PromptConfig):
     def make_delta(self, path: str, module: nn.Module) -> DecomposedPrompt:
         return DecomposedPrompt(self.initial(module), self.max_length, self.r, self.alpha / math.sqrt(self.r))
 
-    def param_groups(self, model: nn.Module, name: str = "default") -> list[dict[str, Any]]:
-        """Optimizer groups for adapter ``name``: its prompts at ``prompt_lr``, the rest at ``low_rank_lr``."""
-        trainable = [p for _, _, d in adapter_paths(model, name) for p in d.parameters() if p.requires_grad]
-        prompts = {id(m.weight) for _, _, d in adapter_paths(model, name)
-                   for m in d.modules() if isinstance(m, DecomposedPrompt)}
-        return [{"params": [p for p in trainable if id(p) in prompts], "lr": self.prompt_lr},
-                {"params": [p for p in trainable if id(p) not in prompts], "lr": self.low_rank_lr}]
+    def param_groups(self, model: nn.Module, name: str = "default", lr: float | None = None) -> list[dict[str, Any]]:
+        """Optimizer groups for adapter ``name``: its prompts at ``prompt_lr``, ``A`` and ``B`` at
+        ``low_rank_lr``, anything else (a task head) at ``lr`` (default ``low_rank_lr``)."""
+        groups: dict[str, list[nn.Parameter]] = {"prompt": [], "low_rank": [], "rest": []}
+        for _, _, d in adapter_paths(model, name):
+            for m in d.modules():
+                if isinstance(m, DecomposedPrompt):
+                    groups["prompt"].append(m.weight)
+                    groups["low_rank"] += [m.A, m.B]
+        parts = {id(p) for ps in groups.values() for p in ps}
+        groups["rest"] = [p for _, _, d in adapter_paths(model, name) for p in d.parameters()
+                          if p.requires_grad and id(p) not in parts]
+        rates = {"prompt": self.prompt_lr, "low_rank": self.low_rank_lr, "rest": lr or self.low_rank_lr}
+        return [{"params": [p for p in ps if p.requires_grad], "lr": rates[k]} for k, ps in groups.items() if ps]

@@ -1,42 +1,101 @@
-"""IST: importance-aware sparse tuning, a training-step wrapper around any adapter.
+"""IST: importance-aware sparse tuning, a wrapper that works with any method.
 
-Not a method (it changes *which* deltas an optimizer step updates, not what a
-delta is), so it is exposed as ``lt.IST`` rather than registered.
+``lt.IST(wraps=lt.LoRA(r=8))`` attaches the wrapped method's deltas unchanged;
+what IST adds is its schedule (which blocks each step updates), which every
+training loop runs through ``MethodConfig.schedule``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..api import adapter_paths
+from ..config import MethodConfig
 from ..core.families import block_of
+from ..core.schedule import Schedule
 from ..core.site import Site
+from ..registry import config_from_dict, get_method, register
+
+COMMON = ("targets", "exclude", "modules_to_save", "task")
 
 
-class IST:
-    """Importance-aware Sparse Tuning (Yao et al., 2024) for adapter ``name`` of ``model``.
+@register
+@dataclass
+class IST(MethodConfig):
+    """Importance-aware Sparse Tuning (Yao et al., 2024) around ``wraps`` (a config, its dict, or a name).
 
-    Each step updates only the deltas of ``update_layers`` transformer blocks, sampled
-    without replacement with probabilities ``softmax(z / temperature)`` of the standardised
-    importance scores ``z``; the others have ``requires_grad`` off, so the backward pass skips
-    them. Every ``probe_every`` steps the scores are refreshed by response suppression: the
-    loss with ``probe_layers`` random blocks' deltas switched off minus the loss with them on
-    is those blocks' reward, folded in with an exponential moving average (``decay``).
-    Deltas outside the blocks (heads, a final norm) train every step.
-
-        ist = lt.IST(model, optimizer, update_layers=4)
-        for batch in loader:
-            loss = ist.step(batch)
+    Each step updates only the deltas of ``update_layers`` transformer blocks (default: half),
+    sampled without replacement with probabilities ``softmax(z / temperature)`` of the
+    standardised importance scores ``z``; the others get no gradient, so backward skips them.
+    Every ``probe_every`` steps the scores are refreshed by response suppression: the loss with
+    ``probe_layers`` random blocks' deltas switched off minus the loss with them on is those
+    blocks' reward, folded in with an exponential moving average (``decay``). Deltas outside
+    the blocks (heads, a final norm) train every step. ``targets``, ``exclude``,
+    ``modules_to_save`` and ``task`` given here override the wrapped method's.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, name: str = "default",
-                 update_layers: int | None = None, probe_every: int = 10, probe_layers: int | None = None,
-                 decay: float = 0.9, temperature: float = 1.0, seed: int = 0) -> None:
-        self.model, self.optimizer, self.name = model, optimizer, name
+    wraps: Any = "lora"
+    update_layers: int | None = None
+    probe_every: int = 10
+    probe_layers: int | None = None
+    decay: float = 0.9
+    temperature: float = 1.0
+    seed: int = 0
+    inner: MethodConfig = field(init=False, repr=False, compare=False)
+
+    name: ClassVar[str] = "ist"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        inner = self.wraps
+        if isinstance(inner, str):
+            inner = get_method(inner)()
+        elif isinstance(inner, dict):
+            inner = config_from_dict(inner)
+        if not isinstance(inner, MethodConfig) or isinstance(inner, IST):
+            raise ValueError(f"ist: wraps must be another method (a config, its dict or a name), got {self.wraps!r}")
+        self.inner = dataclasses.replace(inner, **{k: getattr(self, k) for k in COMMON if getattr(self, k) is not None})
+        self.wraps = self.inner.to_dict()
+        if self.probe_every < 1 or not 0 <= self.decay < 1 or self.temperature <= 0:
+            raise ValueError("ist: need probe_every >= 1, 0 <= decay < 1 and temperature > 0")
+
+    @property
+    def mergeable(self) -> bool:  # type: ignore[override]
+        return self.inner.mergeable
+
+    def components(self) -> list[MethodConfig]:
+        return self.inner.components()
+
+    def head_modules(self) -> list[str]:
+        return self.inner.head_modules()
+
+    def folded(self) -> MethodConfig | None:
+        inner = self.inner.folded()
+        return None if inner is None else dataclasses.replace(self, wraps=inner.to_dict())
+
+    def schedule(self, model: nn.Module, name: str, total_steps: int | None) -> ISTSchedule:
+        return ISTSchedule(model, name, self, self.inner.schedule(model, name, total_steps))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.pop("inner")
+        return out
+
+
+class ISTSchedule(Schedule):
+    """IST's layer sampling and importance probing for adapter ``name`` (see :class:`IST`)."""
+
+    distributed_ok = False  # the trained set changes every step; DDP needs a fixed one
+
+    def __init__(self, model: nn.Module, name: str, config: IST, inner: Schedule | None = None) -> None:
+        self.name, self.inner = name, inner
         self.sites: dict[str, list[Site]] = {}
         self.params: dict[str, list[nn.Parameter]] = {}
         for path, site, delta in adapter_paths(model, name):
@@ -47,57 +106,53 @@ class IST:
         self.blocks = list(self.sites)
         n = len(self.blocks)
         if n < 2:
-            raise ValueError(f"IST needs adapter {name!r} in at least 2 transformer blocks; it has {n}")
-        self.update_layers = update_layers or max(1, n // 2)
-        self.probe_layers = probe_layers or self.update_layers
+            raise ValueError(f"ist needs adapter {name!r} in at least 2 transformer blocks; it has {n}")
+        self.update_layers = config.update_layers or max(1, n // 2)
+        self.probe_layers = config.probe_layers or self.update_layers
         if not (0 < self.update_layers <= n and 0 < self.probe_layers <= n):
-            raise ValueError(f"IST: update_layers and probe_layers must be in 1..{n} (blocks with deltas)")
-        if probe_every < 1 or not 0 <= decay < 1 or temperature <= 0:
-            raise ValueError("IST: need probe_every >= 1, 0 <= decay < 1 and temperature > 0")
-        self.probe_every, self.decay, self.temperature = probe_every, decay, temperature
+            raise ValueError(f"ist: update_layers and probe_layers must be in 1..{n} (blocks with deltas)")
+        self.config = config
         self.importance = torch.zeros(n)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.steps = 0
+        self.generator = torch.Generator().manual_seed(config.seed)
         self.selected: list[str] = []
         self.resample()
 
     def probabilities(self) -> torch.Tensor:
         """Sampling probability of each block (uniform while the scores are equal)."""
         z = (self.importance - self.importance.mean()) / (self.importance.std(unbiased=False) + 1e-12)
-        return torch.softmax(z / self.temperature, 0)
+        return torch.softmax(z / self.config.temperature, 0)
 
     def resample(self) -> None:
         """Draw the blocks the next step updates and switch gradients to them alone."""
         picked = torch.multinomial(self.probabilities(), self.update_layers, replacement=False,
                                    generator=self.generator)
         self.selected = [self.blocks[i] for i in picked.tolist()]
-        trained = {id(p) for b in self.selected for p in self.params[b]}
+        self._train({id(p) for b in self.selected for p in self.params[b]})
+
+    def _train(self, trained: set[int] | None) -> None:
         for block in self.blocks:
             for p in self.params[block]:
-                p.requires_grad_(id(p) in trained)
+                p.requires_grad_(trained is None or id(p) in trained)
 
-    def step(self, batch: dict) -> float:
-        """One training step on ``batch`` (a model-input dict with labels); returns the loss."""
-        loss = self.model(**batch).loss
-        if loss is None:
-            raise ValueError("IST.step needs a batch the model computes a loss for (include `labels`)")
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.steps += 1
-        if self.steps % self.probe_every == 0:
-            self.probe(batch)
+    def loss_term(self, loss: torch.Tensor) -> torch.Tensor | float:
+        return self.inner.loss_term(loss) if self.inner else 0.0
+
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer, loss_of: Callable[[], float]) -> None:
+        if self.inner:
+            self.inner.after_step(step, optimizer, loss_of)
+        if step % self.config.probe_every == 0:
+            self.probe(loss_of)
         self.resample()
-        return float(loss.detach())
 
     @torch.no_grad()
-    def probe(self, batch: dict) -> None:
+    def probe(self, loss_of: Callable[[], float]) -> None:
         """Update the importance of a random set of blocks by suppressing their deltas."""
         picked = torch.randperm(len(self.blocks), generator=self.generator)[: self.probe_layers]
-        with_deltas = float(self.model(**batch).loss)
+        with_deltas = loss_of()
         with self.suppressed([self.blocks[i] for i in picked.tolist()]):
-            without = float(self.model(**batch).loss)
-        self.importance[picked] = self.decay * self.importance[picked] + (1 - self.decay) * (without - with_deltas)
+            without = loss_of()
+        decay = self.config.decay
+        self.importance[picked] = decay * self.importance[picked] + (1 - decay) * (without - with_deltas)
 
     @contextmanager
     def suppressed(self, blocks: list[str]) -> Iterator[None]:
@@ -113,7 +168,19 @@ class IST:
                 s.active = active
 
     def finish(self) -> None:
-        """Make every delta of the adapter trainable again (e.g. before saving a checkpoint to resume)."""
-        for block in self.blocks:
-            for p in self.params[block]:
-                p.requires_grad_(True)
+        """Every delta of the adapter trainable again (the adapter as the wrapped method left it)."""
+        self._train(None)
+        if self.inner:
+            self.inner.finish()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"importance": self.importance.clone(), "generator": self.generator.get_state(),
+                "selected": list(self.selected), "inner": self.inner.state_dict() if self.inner else {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.importance = state["importance"].clone()
+        self.generator.set_state(state["generator"])
+        self.selected = list(state["selected"])
+        self._train({id(p) for b in self.selected for p in self.params[b]})
+        if self.inner:
+            self.inner.load_state_dict(state["inner"])

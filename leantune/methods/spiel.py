@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..api import adapter_paths, adapters
 from ..config import MethodConfig
+from ..core.schedule import Schedule
 from ..core.sparse import (
     SPARSE_SITE_TYPES,
     GrowthTracker,
@@ -49,14 +51,17 @@ class SpIEL(MethodConfig):
         if not isinstance(self.update_every, int) or self.update_every <= 0:
             raise ValueError(f"{self.name}: update_every must be a positive integer, got {self.update_every!r}")
 
+    def schedule(self, model: nn.Module, name: str, total_steps: int | None) -> SpIELSchedule:
+        return SpIELSchedule(model, name)
+
     def make_delta(self, path: str, module: nn.Module) -> SparseDelta:
         view = weight_view(module)
         numel = view.out_features * view.in_features
         return SparseDelta(view, random_support(numel, support_size(numel, self.density), path_seed(self.seed, path)))
 
 
-class SpIELSchedule:
-    """SpIEL's drop-and-grow for adapter ``name``; call :meth:`step` after each optimizer step.
+class SpIELSchedule(Schedule):
+    """SpIEL's drop-and-grow for adapter ``name``; training loops call it after each optimizer step.
 
     Creating it attaches a :class:`GrowthTracker` to every delta of the adapter,
     so from then on each backward pass folds the weight gradient into a
@@ -83,3 +88,13 @@ class SpIELSchedule:
         if any(self.name in site.merged for site, _ in self.sites):
             raise RuntimeError(f"adapter {self.name!r} is merged; unmerge(model) before moving its entries")
         return sum(delta.drop_and_grow(self.config.drop_fraction, optimizer) for _, delta in self.sites)
+
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer, loss_of: Callable[[], float]) -> None:
+        self.step(step, optimizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"trackers": [(d.tracker.index, d.tracker.score) for _, d in self.sites]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for (_, d), (index, score) in zip(self.sites, state["trackers"], strict=True):
+            d.tracker.index, d.tracker.score = index, score

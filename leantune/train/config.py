@@ -8,6 +8,7 @@ an hour in on a typo. ``--set a.b=value`` overrides any key with a YAML value.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -117,7 +118,9 @@ class DataSection:
 class TrainingSection:
     """How to train. ``max_steps`` (optimizer steps) wins over ``epochs`` when > 0; ``batch_size``
     is per process; warm-up is ``warmup_steps`` or a ``warmup_ratio`` of all steps; ``eval_every``
-    / ``save_every`` = 0 means at the end only; ``best_metric`` defaults to the task's main metric."""
+    / ``save_every`` = 0 means at the end only; ``best_metric`` defaults to the task's main metric;
+    ``distributed`` (under ``torchrun``): ``auto``/``ddp`` replicate the model, ``fsdp2`` shards it;
+    ``optimizer: mezo`` trains with forward passes only (``mezo_eps``, ``mezo_samples``: engine/mezo.py)."""
 
     max_steps: int = 0
     epochs: int = 1
@@ -138,10 +141,22 @@ class TrainingSection:
     best_metric: str | None = None
     seed: int = 0
     device: str = "auto"
+    distributed: str = "auto"
+    optimizer: str = "adamw"
+    mezo_eps: float = 1e-3
+    mezo_samples: int = 1
 
     def check(self) -> list[str]:
         problems = _choice(self.schedule, ("linear", "cosine", "constant"), "training.schedule")
         problems += _choice(self.precision, ("fp32", "bf16", "fp16"), "training.precision")
+        problems += _choice(self.distributed, ("auto", "ddp", "fsdp2"), "training.distributed")
+        problems += _choice(self.optimizer, ("adamw", "mezo"), "training.optimizer")
+        if self.optimizer == "mezo" and (self.mezo_eps <= 0 or self.mezo_samples < 1):
+            problems.append(f"training.mezo_eps, training.mezo_samples: need eps > 0 and at least 1 sample, "
+                            f"got {self.mezo_eps} and {self.mezo_samples}")
+        if self.distributed == "fsdp2" and self.precision == "fp16":
+            problems.append("training.precision: fp16 needs a grad scaler, which leantune does not run on FSDP2 "
+                            "shards; use bf16 (or fp32) with training.distributed: fsdp2")
         for key in ("epochs", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 problems.append(f"training.{key}: must be at least 1, got {getattr(self, key)}")
@@ -345,8 +360,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """A copy of ``raw`` with every ``key=value`` override applied (dotted keys make nested sections)."""
-    out = {k: _expand(k, v) for k, v in raw.items()}
+    """A copy of ``raw`` with every ``key=value`` override applied (dotted keys make nested sections);
+    ``raw``'s nested sections are copied too, so the caller's mapping is never changed."""
+    out = {k: _expand(k, copy.deepcopy(v)) for k, v in raw.items()}
     for text in overrides:
         path, value = parse_override(text)
         if len(path) == 1 and path[0] in SHORTHAND and isinstance(out.get(path[0]), dict) and not isinstance(value, dict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import sys
 import threading
@@ -23,6 +24,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..api import param_groups, schedules
+from ..engine.mezo import MeZO
 from .checkpoint import RunDir, read_trainer_state, rng_state, save_checkpoint, set_rng_state, write_adapter
 from .config import TrainingSection, higher_is_better
 from .distributed import Dist
@@ -30,6 +33,7 @@ from .logs import MetricsLog, memory_mb
 from .tasks import Example, Task
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+ECHO_S = 1.0  # see stop_on_sigint
 
 
 @dataclass
@@ -124,13 +128,22 @@ def evaluate_model(model: nn.Module, task: Task, data: Sequence[Example], cfg: T
 
 @contextlib.contextmanager
 def stop_on_sigint() -> Iterator[Callable[[], bool]]:
-    """The first Ctrl-C asks the loop to save and stop after the current step; a second one aborts."""
-    seen: list[bool] = []
+    """The first Ctrl-C asks the loop to save and stop after the current step; a second one aborts.
+
+    Under ``torchrun`` the terminal's Ctrl-C reaches every worker and torchrun forwards its own copy
+    a moment later: a repeat within :data:`ECHO_S` seconds is that copy, not a second Ctrl-C. The copy
+    may land after the loop, during the final save, so there the handler stays once it has fired (the
+    worker process ends with the run).
+    """
+    seen: list[float] = []
+    echo = ECHO_S if "TORCHELASTIC_RUN_ID" in os.environ else -1.0
 
     def handler(signum: int, frame: Any) -> None:
+        if seen and time.monotonic() - seen[0] <= echo:
+            return
         if seen:
             raise KeyboardInterrupt
-        seen.append(True)
+        seen.append(time.monotonic())
         print("\nleantune: Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again aborts)",
               file=sys.stderr, flush=True)
 
@@ -141,7 +154,8 @@ def stop_on_sigint() -> Iterator[Callable[[], bool]]:
     try:
         yield lambda: bool(seen)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if not (seen and echo > 0):
+            signal.signal(signal.SIGINT, previous)
 
 
 class Loop:
@@ -159,9 +173,21 @@ class Loop:
         if not params:
             raise ValueError("the model has no trainable parameters; attach an adapter first (lt.adapt)")
         self.params = params
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.zeroth_order = cfg.optimizer == "mezo"  # forward passes only (engine/mezo.py)
+        if self.zeroth_order:
+            self.optimizer = MeZO(param_groups(model, cfg.learning_rate), lr=cfg.learning_rate, eps=cfg.mezo_eps,
+                                  weight_decay=cfg.weight_decay, n_samples=cfg.mezo_samples, seed=cfg.seed)
+        else:
+            self.optimizer = torch.optim.AdamW(param_groups(model, cfg.learning_rate), weight_decay=cfg.weight_decay)
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total)
         self.scheduler = lr_schedule(self.optimizer, cfg.schedule, self.total, warmup)
+        self.schedules = schedules(model, self.total)  # AdaLoRA's rank budget, SpIEL's drop-and-grow, ...
+        if dist.world > 1 and not all(s.distributed_ok for s in self.schedules):
+            raise ValueError("this method changes which parameters train at each step (ist), which DDP cannot "
+                             "follow; train it in one process")
+        if self.zeroth_order and (self.schedules or dist.world > 1):
+            raise ValueError("training.optimizer: mezo runs in one process and for methods without a training "
+                             "schedule (those read gradients, which MeZO never makes); use adamw")
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
         self.log = MetricsLog(run.metrics, dist.main)
         self.metric = cfg.best_metric or task.main_metric
@@ -173,7 +199,9 @@ class Loop:
     def restore(self, checkpoint: Path, state: dict[str, Any]) -> None:
         """Continue from ``checkpoint`` (its adapter is already in the model)."""
         trainer = read_trainer_state(checkpoint)
-        self.optimizer.load_state_dict(trainer["optimizer"])
+        self.dist.load_optimizer_state(self.model, self.optimizer, trainer["optimizer"])
+        for schedule, kept in zip(self.schedules, trainer.get("schedules", []), strict=False):
+            schedule.load_state_dict(kept)
         self.scheduler.load_state_dict(trainer["scheduler"])
         self.scaler.load_state_dict(trainer["scaler"])
         rngs = trainer["rng"]
@@ -185,12 +213,15 @@ class Loop:
     def save(self, info: dict[str, Any], method: dict[str, Any]) -> None:
         """A checkpoint at the current step (every rank takes part; rank 0 writes)."""
         rngs = self.dist.gather(rng_state())
-        if self.dist.main:
-            trainer = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                       "scaler": self.scaler.state_dict(), "rng": rngs}
-            state = {"best_step": self.best_step, "best_value": self.best_value, "world": self.dist.world,
-                     "total_steps": self.total, "method": method}
-            save_checkpoint(self.run_dir, self.step, self.model, trainer, state, info, self.cfg.keep_checkpoints)
+        optimizer = self.dist.optimizer_state(self.model, self.optimizer)  # FSDP2: every rank gathers its shards
+        with self.dist.full_adapter(self.model):
+            if self.dist.main:
+                trainer = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
+                           "scaler": self.scaler.state_dict(), "rng": rngs,
+                           "schedules": [s.state_dict() for s in self.schedules]}
+                state = {"best_step": self.best_step, "best_value": self.best_value, "world": self.dist.world,
+                         "total_steps": self.total, "method": method}
+                save_checkpoint(self.run_dir, self.step, self.model, trainer, state, info, self.cfg.keep_checkpoints)
         self.saved_at = self.step
         self.dist.barrier()
 
@@ -200,21 +231,25 @@ class Loop:
         return {k: v.to(self.dist.device) for k, v in batch.items()}
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        return autocast(self.cfg.precision, self.dist.device)
+        return autocast(self.dist.autocast_precision, self.dist.device)  # FSDP2 casts by its own policy
 
     def train_step(self) -> tuple[float, int, int]:
         """One optimizer step over ``grad_accum`` micro-batches; (loss, samples, tokens) seen by this rank."""
+        if self.zeroth_order:
+            return self._mezo_step()
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, samples, tokens = 0.0, 0, 0
         accum = self.cfg.grad_accum
         for j in range(accum):
             batch = self._batch(self.order.batch(self.step * accum + j))
-            quiet = j < accum - 1 and self.dist.world > 1  # DDP syncs gradients on the last micro-batch only
+            # DDP syncs gradients on the last micro-batch only; FSDP2 reduce-scatters each into fp32 shards.
+            quiet = j < accum - 1 and self.dist.mode == "ddp"
             with self.wrapped.no_sync() if quiet else contextlib.nullcontext():
                 with self._autocast():
-                    loss = self.task.loss(self.wrapped, batch) / accum
+                    task_loss = self.task.loss(self.wrapped, batch)
+                    loss = (task_loss + sum(s.loss_term(task_loss) for s in self.schedules)) / accum
                 self.scaler.scale(loss).backward()
-            total_loss += loss.item()
+            total_loss += task_loss.item() / accum
             samples += batch["input_ids"].shape[0]
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         self.scaler.unscale_(self.optimizer)
@@ -224,28 +259,60 @@ class Loop:
         self.scaler.update()
         self.scheduler.step()
         self.step += 1
+        for s in self.schedules:
+            s.after_step(self.step, self.optimizer, lambda: self._loss_of(batch))
         return total_loss, samples, tokens
 
+    def _mezo_step(self) -> tuple[float, int, int]:
+        """One MeZO step: the mean loss of the step's micro-batches, at θ + εz and θ - εz, forward only."""
+        accum = self.cfg.grad_accum
+        batches = [self._batch(self.order.batch(self.step * accum + j)) for j in range(accum)]
+
+        def closure() -> torch.Tensor:
+            with self._autocast():
+                return sum(self.task.loss(self.wrapped, b).float() for b in batches) / accum
+
+        loss = float(self.optimizer.step(closure))
+        self.scheduler.step()
+        self.step += 1
+        samples = sum(b["input_ids"].shape[0] for b in batches)
+        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                     for b in batches)
+        return loss, samples, tokens
+
+    @torch.no_grad()
+    def _loss_of(self, batch: dict[str, torch.Tensor]) -> float:
+        """The loss of ``batch`` under the current weights (what schedules probe with)."""
+        with self._autocast():
+            return float(self.task.loss(self.wrapped, batch))
+
     def evaluate(self) -> dict[str, float]:
-        """The task's metrics on the evaluation data (rank 0 computes, the others wait)."""
+        """The task's metrics on the evaluation data, rank 0's on every rank (under DDP the others
+        wait; under FSDP2 every rank runs the forward passes, which need all shards)."""
         metrics: dict[str, float] = {}
-        if self.dist.main and self.eval_data:
+        if self.eval_data and (self.dist.main or self.dist.sharded):
             metrics = evaluate_model(self.model, self.task, self.eval_data, self.cfg, self.dist.device)
             self.model.train()
-        self.dist.barrier()
-        return metrics
+        return self.dist.broadcast(metrics)
+
+    def _write_adapter(self, dest: Path, info: dict[str, Any]) -> None:
+        """Every rank calls it (FSDP2 gathers the adapter's shards); rank 0 writes."""
+        with self.dist.full_adapter(self.model):
+            if self.dist.main:
+                write_adapter(dest, self.model, info)
 
     def _after_eval(self, metrics: dict[str, float], info: dict[str, Any]) -> None:
+        """Every rank calls it; rank 0 logs and tells the callbacks."""
         self.last_metrics = metrics
         self.log.write({"split": "eval", "step": self.step, **metrics})
-        for cb in self.callbacks:
+        for cb in self.callbacks if self.dist.main else ():
             cb.on_evaluate(self.step, metrics)
         value = metrics[self.metric]
         better = self.best_value is None or (
             value > self.best_value if higher_is_better(self.metric) else value < self.best_value)
         if better:
             self.best_step, self.best_value = self.step, value
-            write_adapter(self.run_dir.best, self.model, {**info, "step": self.step, "metrics": metrics})
+            self._write_adapter(self.run_dir.best, {**info, "step": self.step, "metrics": metrics})
 
     # --- the run ----------------------------------------------------------------------------
     def run(self, info: dict[str, Any], method: dict[str, Any]) -> Result:
@@ -280,9 +347,7 @@ class Loop:
                     self.log.write({"split": "train", "step": self.step, "epoch": round(epoch, 4), **speed})
                     window, busy, samples, tokens = [], 0.0, 0, 0
                 if self.eval_data and cfg.eval_every and self.step % cfg.eval_every == 0:
-                    metrics = self.evaluate()
-                    if d.main:
-                        self._after_eval(metrics, info)
+                    self._after_eval(self.evaluate(), info)
                 if d.any(interrupted() or step_info.stop):
                     stopped = True
                     break
@@ -291,12 +356,13 @@ class Loop:
         bar.close()
         evaluated = cfg.eval_every and self.step % cfg.eval_every == 0
         if not stopped and self.eval_data and self.step > first and not evaluated:
-            metrics = self.evaluate()
-            if d.main:
-                self._after_eval(metrics, info)
+            self._after_eval(self.evaluate(), info)
         if self.saved_at != self.step:
             self.save(info, method)
-        if d.main and not stopped:
-            write_adapter(self.run_dir.adapter, self.model, {**info, "step": self.step, "metrics": self.last_metrics})
+        if not stopped:
+            for s in self.schedules:
+                s.finish()
+        if not stopped:
+            self._write_adapter(self.run_dir.adapter, {**info, "step": self.step, "metrics": self.last_metrics})
         return Result(self.step, self.total, stopped, self.last_metrics, self.metric, self.best_step,
                       self.best_value, self.run_dir.root)

@@ -24,6 +24,7 @@ import yaml
 from torch import nn
 
 from ..api import adapt, adapters, delete_adapter, trainable_parameters
+from ..config import MethodConfig
 from ..storage import load_adapter
 from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig, load
@@ -33,7 +34,7 @@ from .logs import read_metrics
 from .loop import Callback, Loop, Result, evaluate_model
 from .models import load_model, load_tokenizer
 from .plots import draw_curves
-from .tasks import TASKS, Task, model_inputs
+from .tasks import TASKS, Task, check_packing, model_inputs
 
 ConfigLike = str | Path | dict[str, Any] | RunConfig
 
@@ -121,6 +122,12 @@ def _attach(model: nn.Module, cfg: RunConfig, resume_from: Path | None, state: d
     return state["method"]
 
 
+def _acts_between_steps(model: nn.Module) -> bool:
+    """Whether an adapter's method has a training-time schedule (AdaLoRA, SpIEL, IST), asked of its
+    class: building the schedule needs the run's step count and may change the model."""
+    return any(type(r.config).schedule is not MethodConfig.schedule for r in adapters(model).values())
+
+
 def train(
     model: nn.Module | None,
     config: ConfigLike,
@@ -142,7 +149,7 @@ def train(
     every process calls this; rank 0 writes the run folder.
     """
     cfg = load(config, list(overrides), needs_model=model is None)
-    dist = setup(cfg.training.device)
+    dist = setup(cfg.training.device, cfg.training.distributed, cfg.training.precision)
     try:
         return _train(model, cfg, tokenizer, resume, callbacks, dist)
     finally:
@@ -160,14 +167,21 @@ def _train(model: nn.Module | None, cfg: RunConfig, tokenizer: Any, resume: bool
     train_data = task.examples(train_rows)
     eval_data = task.examples(eval_rows) if eval_rows else None
     _seed(cfg.training.seed)
-    model = (model if model is not None else _base_model(cfg, task, tokenizer)).to(dist.device)
+    # FSDP2 moves each process's shards to its device itself: the whole base never sits on one GPU.
+    home = torch.device("cpu") if dist.sharded else dist.device
+    model = (model if model is not None else _base_model(cfg, task, tokenizer)).to(home)
+    if cfg.task.packing:
+        check_packing(model)
     size = cfg.training.batch_size
-    calibration = [{k: v.to(dist.device) for k, v in model_inputs(task.collate(
+    calibration = [{k: v.to(home) for k, v in model_inputs(task.collate(
         [train_data[i] for i in range(s, min(s + size, len(train_data)))])).items()}
         for s in range(0, min(4 * size, len(train_data)), size)]
     state = ckpt.read_state(resume_from) if resume_from is not None else {}
     method = _attach(model, cfg, resume_from, state, calibration)
     info = {**task.info(), "base_model": cfg.model.name}
+    if dist.sharded and _acts_between_steps(model):
+        raise ConfigError(f"training.distributed: {method['method']} changes its adapter's shape or mask as it "
+                          "trains, which leantune does not do on FSDP2 shards; use training.distributed: ddp")
     loop = Loop(model, task, train_data, eval_data, cfg.training, run, dist, callbacks, cfg.output.progress)
     if dist.main:
         _clear(run, old)
@@ -179,6 +193,7 @@ def _train(model: nn.Module | None, cfg: RunConfig, tokenizer: Any, resume: bool
          + (f", {len(task.labels)} labels" if task.labels else "") + f"), {trainable:,} of {total:,} parameters "
          f"trainable ({100 * trainable / total:.2f}%), {len(train_data)} train / {len(eval_data or [])} eval "
          f"examples, {loop.total} steps on {dist.world} x {dist.device.type}"
+         + (f" ({dist.mode})" if dist.world > 1 else "")
          + (f", resuming at step {loop.step}" if resume_from else ""))
     result = loop.run(info, method)
     if dist.main:

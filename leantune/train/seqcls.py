@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..api import param_groups
+from ..api import schedules as lt_schedules
 from ..data import Split
 
 # Padded lengths are rounded up to a multiple of this: CPU kernels are prepared once per input shape,
@@ -139,27 +141,40 @@ def train(model: nn.Module, tokenizer, data: Split, config: TrainConfig) -> list
         raise ValueError("the model has no trainable parameters; attach an adapter first (lt.adapt)")
     ids = encode(tokenizer, data.texts, config.max_length)
     batches = training_batches([len(x) for x in ids], config)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, config.lr), weight_decay=config.weight_decay)
     scheduler = linear_schedule(optimizer, len(batches), config.warmup_ratio)
+    schedules = lt_schedules(model, len(batches))  # the methods' own (rank budget, drop-and-grow, ...)
     device = _device(model)
     torch.manual_seed(config.seed)  # dropout masks
     model.train()
     losses: list[float] = []
     bar = tqdm(batches, desc="train", unit="step", disable=not config.progress, dynamic_ncols=True)
-    for batch_idx in bar:
+    for step, batch_idx in enumerate(bar, 1):
         batch = collate([ids[i] for i in batch_idx], tokenizer.pad_token_id, [data.labels[i] for i in batch_idx])
+        batch = {k: v.to(device) for k, v in batch.items()}
         with _autocast(model, config.autocast):
-            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-        loss.backward()
+            loss = model(**batch).loss
+            extra = sum(s.loss_term(loss) for s in schedules)
+        (loss + extra).backward()
         if config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
+        for s in schedules:
+            s.after_step(step, optimizer, lambda batch=batch: _loss_of(model, batch, config.autocast))
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", refresh=False)
+    for s in schedules:
+        s.finish()
     model.eval()
     return losses
+
+
+@torch.no_grad()
+def _loss_of(model: nn.Module, batch: dict[str, torch.Tensor], autocast: torch.dtype | None) -> float:
+    with _autocast(model, autocast):
+        return float(model(**batch).loss)
 
 
 def _sorted_batches(ids: Sequence[Sequence[int]], batch_size: int) -> Iterator[list[int]]:

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..engine import causal_lm_loss
 from .config import ConfigError, TaskSection
 from .data import Row
+from .distributed import SHARDED_LOSS
 from .seqcls import macro_f1
 
 IGNORE = -100
@@ -35,8 +36,11 @@ def logits_of(output: Any) -> torch.Tensor:
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The batch without its labels: the loss is the task's, so any module that takes ids works."""
-    return {k: v for k, v in batch.items() if k != "labels"}
+    """The batch without its labels: the loss is the task's, so any module that takes ids works.
+    Packed rows (``position_ids``) run without a key/value cache: transformers separates packed
+    sequences only when it builds no cache."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return {**inputs, "use_cache": False} if "position_ids" in batch else inputs
 
 
 def _label_key(value: Any) -> Any:
@@ -254,20 +258,32 @@ class CausalLM(Task):
     def examples(self, rows: list[Row]) -> Sequence[Example]:
         if not self.section.packing:
             return Encoded(rows, self.encode)
+        # Positions restart at every example, so attention stays within it (transformers reads a
+        # position that does not follow on as a new sequence); the last row is filled with padding
+        # that is a sequence of its own. Rows are full, so no attention mask is needed.
         ids: list[int] = []
         labels: list[int] = []
+        positions: list[int] = []
         for row in rows:
             example = self.encode(row)
             ids += example["input_ids"]
             labels += example["labels"]
+            positions += list(range(len(example["input_ids"])))
         n = self.section.max_length
-        return [{"input_ids": ids[s:s + n], "attention_mask": [1] * len(ids[s:s + n]), "labels": labels[s:s + n]}
+        short = -len(ids) % n
+        ids += [self.tokenizer.pad_token_id] * short
+        labels += [IGNORE] * short
+        positions += list(range(short))
+        return [{"input_ids": ids[s:s + n], "position_ids": positions[s:s + n], "labels": labels[s:s + n]}
                 for s in range(0, len(ids), n)]
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        sharded = getattr(model, SHARDED_LOSS, None)
+        if sharded is not None:  # FSDP2: the chunked loss, run as a forward method so the root's shards gather
+            return sharded(batch["input_ids"], batch["labels"], **_extra_inputs(batch))
         lean = not isinstance(model, DistributedDataParallel) and hasattr(model, "get_decoder")
         if lean:  # the engine's chunked loss never materialises the full logits
-            return causal_lm_loss(model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"])
+            return causal_lm_loss(model, batch["input_ids"], batch["labels"], **_extra_inputs(batch))
         logits = logits_of(model(**model_inputs(batch)))
         return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(),
                                ignore_index=IGNORE)
@@ -286,6 +302,32 @@ class CausalLM(Task):
             raise ValueError("the evaluation data has no response tokens")
         loss = loss_sum / count
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": correct / count}
+
+
+def _extra_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model inputs besides the ids: a padding mask, or packed rows' positions."""
+    return {k: v for k, v in model_inputs(batch).items() if k != "input_ids"}
+
+
+@torch.no_grad()
+def check_packing(model: nn.Module) -> None:
+    """Refuse packing for a model that would let packed examples attend to each other: the
+    second of two packed sequences must give the logits it gives alone."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        first, second = torch.tensor([[5, 6, 7, 8]], device=device), torch.tensor([[9, 10, 11]], device=device)
+        packed = torch.cat([first, second], 1)
+        positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2]], device=device)
+        together = logits_of(model(input_ids=packed, position_ids=positions, use_cache=False))[:, 4:].float()
+        alone = logits_of(model(input_ids=second, position_ids=positions[:, 4:], use_cache=False)).float()
+    finally:
+        model.train(was_training)
+    if not torch.allclose(together, alone, rtol=1e-2, atol=1e-3 * (1 + alone.abs().max().item())):
+        raise ConfigError(f"task.packing: {type(model).__name__} lets packed examples attend to each other (its "
+                          "attention does not treat restarting position_ids as a new sequence); set task.packing: "
+                          "false")
 
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (SequenceClassification, CausalLM, TokenClassification)}

@@ -1,0 +1,37 @@
+"""`python -m leantune.bench.speed` on the tiny size: every mode named runs and reports."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from leantune.bench import speed
+
+
+def test_speed_bench_runs_forward_loss_mezo_and_lora_modes(tmp_path, capsys):
+    modes = ["fwd_loss", "lt_mezo", "lt"]
+    assert speed.main(["--size", "tiny", "--modes", ",".join(modes), "--steps", "2", "--warmup", "1",
+                       "--batch", "2", "--seq", "32", "--out", str(tmp_path)]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    rows = {r["mode"]: r for r in printed if "mode" in r and "step_s" in r}
+    assert list(rows) == modes
+    report = json.loads((tmp_path / "speed_tiny.json").read_text())
+    by = {r["mode"]: r for r in report["results"]}
+    for mode in modes:
+        r = by[mode]
+        assert r["name"] == speed.LABELS[mode] and r["step_s"] > 0 and r["tok_s"] > 0
+        assert len(r["losses"]) == 3 and all(math.isfinite(x) for x in r["losses"])
+    assert by["fwd_loss"]["n_train"] == 0
+    assert by["lt_mezo"]["n_train"] == by["lt"]["n_train"] > 0
+    # the same batches, model and initial adapter (B = 0): every mode's first loss is the base
+    # model's; MeZO reports the mean of L(θ ± εz), which is O(ε²) away
+    assert abs(by["lt"]["losses"][0] - by["fwd_loss"]["losses"][0]) < 1e-4
+    assert abs(by["lt_mezo"]["losses"][0] - by["fwd_loss"]["losses"][0]) < 1e-2
+    assert (tmp_path / "speed_tiny.png").is_file()
+
+
+def test_mezo_mode_trains_with_forward_passes_only():
+    s = speed.setup("lt_mezo", speed.build("tiny", "cpu"))
+    assert s.optimizer == "mezo" and s.flops_factor == 4 and s.params
+    f = speed.setup("fwd_loss", speed.build("tiny", "cpu"))
+    assert f.optimizer == "none" and f.flops_factor == 2 and not f.params
