@@ -8,16 +8,17 @@ import math
 from leantune.bench import speed
 
 
-def test_speed_bench_runs_forward_loss_mezo_and_lora_modes(tmp_path, capsys):
-    modes = ["fwd_loss", "lt_mezo", "lt"]
+def test_speed_bench_runs_forward_loss_mezo_lora_and_lst_modes(tmp_path, capsys):
+    modes = ["fwd_loss", "lt_mezo", "lt", "lt_lst", "boom"]
     assert speed.main(["--size", "tiny", "--modes", ",".join(modes), "--steps", "2", "--warmup", "1",
                        "--batch", "2", "--seq", "32", "--out", str(tmp_path)]) == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     rows = {r["mode"]: r for r in printed if "mode" in r and "step_s" in r}
-    assert list(rows) == modes
+    assert list(rows) == modes[:-1]
     report = json.loads((tmp_path / "speed_tiny.json").read_text())
     by = {r["mode"]: r for r in report["results"]}
-    for mode in modes:
+    assert by["boom"]["error"].startswith("ValueError: unknown mode 'boom'"), "one bad mode costs only its own row"
+    for mode in modes[:-1]:
         r = by[mode]
         assert r["name"] == speed.LABELS[mode] and r["step_s"] > 0 and r["tok_s"] > 0
         assert len(r["losses"]) == 3 and all(math.isfinite(x) for x in r["losses"])
@@ -27,6 +28,7 @@ def test_speed_bench_runs_forward_loss_mezo_and_lora_modes(tmp_path, capsys):
     # model's; MeZO reports the mean of L(θ ± εz), which is O(ε²) away
     assert abs(by["lt"]["losses"][0] - by["fwd_loss"]["losses"][0]) < 1e-4
     assert abs(by["lt_mezo"]["losses"][0] - by["fwd_loss"]["losses"][0]) < 1e-2
+    assert abs(by["lt_lst"]["losses"][0] - by["fwd_loss"]["losses"][0]) < 1e-4  # LST starts as the base
     assert (tmp_path / "speed_tiny.png").is_file()
 
 

@@ -205,6 +205,10 @@ def test_bad_input_is_a_clear_error():
         lt.adapt(tiny_llama(), lt.LST(reduction=64))
     with pytest.raises(ValueError, match="not a multiple of the 4 heads"):
         lt.adapt(tiny_gpt2(), lt.LST(reduction=16))
+    with pytest.raises(ValueError, match="heads='whole' needs reduction=4 to divide the 4 query and 2 key/value"):
+        lt.adapt(tiny_llama(), lt.LST(reduction=4, heads="whole"))
+    with pytest.raises(ValueError, match="heads must be 'auto', 'whole' or 'narrow'"):
+        lt.LST(heads="half")
     with pytest.raises(ValueError, match="structurally pruned.*not model type None"):
         lt.adapt(ConvNet(), lt.LST())
     odd = tiny_llama()

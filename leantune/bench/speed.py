@@ -61,6 +61,7 @@ LABELS = {
     "lt_lean": "leantune LoRA, lean", "lt_hfloss": "leantune LoRA, HF loss",
     "lt_lst": "leantune LST (side network, width / 8)",
     "lt_lst_int8": "leantune LST, int8-kept ladder inputs",
+    "lt_lst_narrow": "leantune LST, narrowed heads",
     "fwd_loss": "forward + chunked loss (MeZO memory bound)", "lt_mezo": "leantune LoRA, MeZO (2 forwards)",
 }
 # MeZO's step size and perturbation (the paper's LoRA range; --lr is AdamW's).
@@ -147,10 +148,11 @@ def setup(mode: str, model: nn.Module) -> Setup:
             model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.base_model.model.enable_input_require_grads()
         return Setup(partial(_hf_loss, model), [p for p in model.parameters() if p.requires_grad], model, 4)
-    if mode in ("lt_lst", "lt_lst_int8"):
+    if mode in ("lt_lst", "lt_lst_int8", "lt_lst_narrow"):
         # The backbone runs without autograd: 2 FLOPs per token per base parameter. The side
         # network (width / 8, about 1/64 of the backbone's matrix work, trained) is not counted.
-        lt.adapt(model, lt.LST(ladder_bits=8 if mode == "lt_lst_int8" else None))
+        lt.adapt(model, lt.LST(ladder_bits=8 if mode == "lt_lst_int8" else None,
+                               heads="narrow" if mode == "lt_lst_narrow" else "auto"))
         return Setup(partial(causal_lm_loss, model), [p for p in model.parameters() if p.requires_grad], model, 2)
     if mode.startswith("lt"):
         lt.adapt(model, lt.LoRA(r=RANK, alpha=ALPHA, targets=TARGETS))

@@ -3,6 +3,9 @@
 ``lt.IST(wraps=lt.LoRA(r=8))`` attaches the wrapped method's deltas unchanged;
 what IST adds is its schedule (which blocks each step updates), which every
 training loop runs through ``MethodConfig.schedule``.
+
+Length: the config (~70 lines) and its schedule (~110): the shared schedule interface
+(core/schedule.py) carries the loop side; what is left is IST's own sampling and probing.
 """
 
 from __future__ import annotations

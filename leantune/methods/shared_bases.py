@@ -4,6 +4,8 @@ The shared tensors live in one :class:`~leantune.core.random_basis.Bank` per
 adapter; each layer trains only what is its own (scaling vectors, mixing
 coefficients, private shards). Frozen random tensors are regenerated from
 ``seed``, so a saved adapter holds the coefficients only.
+
+Length: three methods (about 75 lines a method, mostly HF PEFT interop for VeRA).
 """
 
 from __future__ import annotations
