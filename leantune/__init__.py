@@ -18,7 +18,7 @@ from .api import (  # noqa: E402
     unmerge,
 )
 from .core.rank_budget import rank_budget  # noqa: E402
-from .engine import MeZO  # noqa: E402  (zeroth-order optimizer: lt.MeZO(params, lr=..., eps=...))
+from .engine import MeZO, compile  # noqa: E402  (zeroth-order optimizer; torch.compile keeping less for backward)
 from .interop.lora_export import export_lora  # noqa: E402
 from .methods import *  # noqa: E402,F403  (every method's config class: lt.LoRA, ...)
 from .methods import __all__ as _method_classes  # noqa: E402
@@ -34,6 +34,7 @@ __all__ = [
     "MeZO",
     "adapt",
     "adapters",
+    "compile",
     "delete_adapter",
     "disabled",
     "engine",

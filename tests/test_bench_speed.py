@@ -37,3 +37,13 @@ def test_mezo_mode_trains_with_forward_passes_only():
     assert s.optimizer == "mezo" and s.flops_factor == 4 and s.params
     f = speed.setup("fwd_loss", speed.build("tiny", "cpu"))
     assert f.optimizer == "none" and f.flops_factor == 2 and not f.params
+
+
+def test_cuda_graph_ratios_compare_against_the_faster_compiled_peft():
+    results = [dict(mode="peft_compile", tok_s=50.0, peak_gib=10.0), dict(mode="peft_compile_cg", tok_s=52.0, peak_gib=9.0),
+               dict(mode="lt_compile_cg", tok_s=65.0, peak_gib=6.0), dict(mode="lt_compile", tok_s=60.0, peak_gib=6.0)]
+    got = {(r["name"], r["metric"]): r for r in speed.ratios(results)}
+    best = got[("lt_cg_vs_peft_best", "tok_s")]
+    assert best["theirs"] == "peft_compile_cg" and best["ratio"] == 1.25
+    assert got[("lt_cg_vs_peft_best", "peak_gib")]["ratio"] == round(6.0 / 9.0, 3)
+    assert got[("lt_vs_peft", "tok_s")]["theirs"] == "peft_compile" and got[("lt_vs_peft", "tok_s")]["ratio"] == 1.2

@@ -120,7 +120,8 @@ class TrainingSection:
     is per process; warm-up is ``warmup_steps`` or a ``warmup_ratio`` of all steps; ``eval_every``
     / ``save_every`` = 0 means at the end only; ``best_metric`` defaults to the task's main metric;
     ``distributed`` (under ``torchrun``): ``auto``/``ddp`` replicate the model, ``fsdp2`` shards it;
-    ``optimizer: mezo`` trains with forward passes only (``mezo_eps``, ``mezo_samples``: engine/mezo.py)."""
+    ``optimizer: mezo`` trains with forward passes only (``mezo_eps``, ``mezo_samples``: engine/mezo.py);
+    ``compile`` runs each training step's loss through ``lt.compile`` (engine/compiling.py)."""
 
     max_steps: int = 0
     epochs: int = 1
@@ -145,6 +146,7 @@ class TrainingSection:
     optimizer: str = "adamw"
     mezo_eps: float = 1e-3
     mezo_samples: int = 1
+    compile: bool = False
 
     def check(self) -> list[str]:
         problems = _choice(self.schedule, ("linear", "cosine", "constant"), "training.schedule")
@@ -157,6 +159,9 @@ class TrainingSection:
         if self.distributed == "fsdp2" and self.precision == "fp16":
             problems.append("training.precision: fp16 needs a grad scaler, which leantune does not run on FSDP2 "
                             "shards; use bf16 (or fp32) with training.distributed: fsdp2")
+        if self.compile and (self.optimizer == "mezo" or self.distributed == "fsdp2"):
+            problems.append("training.compile: runs backprop steps in one process or under DDP; turn it off with "
+                            "optimizer: mezo (forward passes only) or distributed: fsdp2")
         for key in ("epochs", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 problems.append(f"training.{key}: must be at least 1, got {getattr(self, key)}")

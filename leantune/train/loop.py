@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..api import param_groups, schedules
+from ..engine.compiling import compile as compile_function
 from ..engine.mezo import MeZO
 from .checkpoint import RunDir, read_trainer_state, rng_state, save_checkpoint, set_rng_state, write_adapter
 from .config import TrainingSection, higher_is_better
@@ -188,6 +189,8 @@ class Loop:
         if self.zeroth_order and (self.schedules or dist.world > 1):
             raise ValueError("training.optimizer: mezo runs in one process and for methods without a training "
                              "schedule (those read gradients, which MeZO never makes); use adamw")
+        # The training loss through torch.compile (lt.compile: keeps less for backward); evaluation stays eager.
+        self.train_loss = compile_function(task.loss) if cfg.compile else task.loss
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
         self.log = MetricsLog(run.metrics, dist.main)
         self.metric = cfg.best_metric or task.main_metric
@@ -246,7 +249,7 @@ class Loop:
             quiet = j < accum - 1 and self.dist.mode == "ddp"
             with self.wrapped.no_sync() if quiet else contextlib.nullcontext():
                 with self._autocast():
-                    task_loss = self.task.loss(self.wrapped, batch)
+                    task_loss = self.train_loss(self.wrapped, batch)
                     loss = (task_loss + sum(s.loss_term(task_loss) for s in self.schedules)) / accum
                 self.scaler.scale(loss).backward()
             total_loss += task_loss.item() / accum

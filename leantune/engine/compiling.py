@@ -1,0 +1,42 @@
+"""``lt.compile``: ``torch.compile`` that keeps less for backward when the base is frozen.
+
+A weight site with a trainable low-rank delta needs its input again in backward
+(for ``A``'s gradient). In a decoder layer those inputs are cheap to rebuild from
+tensors that backward keeps anyway: the RMSNorm outputs from the norm's input and
+scale, ``SiLU(gate) · up`` (the MLP's down-projection input) from ``gate`` and
+``up``. By default ``torch.compile``'s partitioner refuses to recompute a value
+that a matrix product reads in backward (``ban_recompute_materialized_backward``),
+so it keeps all of them. Lifting that ban for the compiled function keeps only
+what the frozen backbone keeps. Measured on an H100, LoRA r=16 on all projections:
+peak memory 7.82 → 5.94 GiB (1B Llama) and 17.20 → 13.25 GiB (3B) at about the same
+speed (README, "Speed and memory"). The gradients are the same function: only what
+is stored changes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch._functorch import config as partitioner_config
+
+
+def compile(fn: Callable, *, recompute_cheap: bool = True, **compile_kwargs) -> Callable:
+    """``torch.compile(fn, **compile_kwargs)``; with ``recompute_cheap`` (the default),
+    values that are cheap to rebuild in backward are rebuilt instead of kept.
+
+    ``compile_kwargs`` go to ``torch.compile`` unchanged (``mode="reduce-overhead"``
+    for CUDA graphs, ``backend=...``, ``dynamic=...``). The setting only applies while
+    ``fn`` is traced, so other compiled functions in the process are unaffected.
+    """
+    compiled = torch.compile(fn, **compile_kwargs)
+    if not recompute_cheap:
+        return compiled
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with partitioner_config.patch(ban_recompute_materialized_backward=False):
+            return compiled(*args, **kwargs)
+
+    return run

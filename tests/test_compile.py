@@ -1,0 +1,110 @@
+"""``lt.compile``: same loss and gradients as eager, fewer bytes kept for backward."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+from torch._functorch import config as partitioner_config
+
+import leantune as lt
+from leantune.engine import causal_lm_loss
+
+from .models import VOCAB, tiny_llama
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# aot_eager with inductor's decompositions and its min-cut partitioner: the same choice of
+# what to keep for backward as inductor, without generating kernels (seconds on a CPU).
+BACKEND = "aot_eager_decomp_partition"
+BATCH, SEQ = 2, 24
+
+
+def _step(compiler) -> tuple[int, float, list[torch.Tensor]]:
+    """(activation elements kept for backward, loss, LoRA gradients) of one training step."""
+    model = tiny_llama()
+    lt.adapt(model, lt.LoRA(r=4, targets=TARGETS, init="random"))
+    torch._dynamo.reset()
+    loss_fn = partial(causal_lm_loss, model) if compiler is None else compiler(partial(causal_lm_loss, model),
+                                                                              backend=BACKEND)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    kept = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() and t.shape[0] in (BATCH, BATCH * SEQ):  # activations, not weights
+            kept[0] += t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(ids, ids)
+    loss.backward()
+    return kept[0], loss.item(), [p.grad for p in model.parameters() if p.requires_grad]
+
+
+@pytest.fixture(scope="module")
+def steps() -> dict[str, tuple[int, float, list[torch.Tensor]]]:
+    return {"eager": _step(None), "torch": _step(torch.compile), "lt": _step(lt.compile),
+            "lt_plain": _step(partial(lt.compile, recompute_cheap=False))}
+
+
+def test_lt_compile_keeps_less_for_backward_than_torch_compile(steps):
+    # The norm outputs and SiLU(gate)·up that LoRA's A-gradients read are rebuilt instead.
+    assert steps["lt"][0] < 0.85 * steps["torch"][0], (steps["lt"][0], steps["torch"][0])
+
+
+def test_lt_compile_gives_the_eager_loss_and_gradients(steps):
+    _, eager_loss, eager_grads = steps["eager"]
+    _, loss, grads = steps["lt"]
+    assert loss == pytest.approx(eager_loss, rel=1e-5)
+    assert len(grads) == len(eager_grads) == 2 * len(TARGETS) * 2
+    for got, want in zip(grads, eager_grads, strict=True):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_lt_compile_leaves_the_global_partitioner_setting_alone(steps):
+    assert partitioner_config.ban_recompute_materialized_backward is True
+
+
+def test_recompute_cheap_false_keeps_what_torch_compile_keeps(steps):
+    assert steps["lt_plain"][0] == steps["torch"][0]
+    assert steps["lt_plain"][1] == pytest.approx(steps["eager"][1], rel=1e-5)
+
+
+def test_training_compile_gives_the_eager_runs_losses(tmp_path, monkeypatch):
+    import leantune.train.loop as loop_module
+    from leantune.train.logs import read_metrics
+    from leantune.train.runner import train
+
+    from .test_train_tasks import sft_rows
+    from .train_helpers import tiny_gpt2_dir, write_jsonl
+
+    traced = []
+
+    def fast_compile(fn, **kwargs):  # the test's backend: the same partitioner, no kernel generation
+        traced.append(fn)
+        return lt.compile(fn, backend=BACKEND, **kwargs)
+
+    monkeypatch.setattr(loop_module, "compile_function", fast_compile)
+    train_file = write_jsonl(tmp_path / "sft.jsonl", sft_rows(24))
+
+    def losses(compiled: bool) -> list[float]:
+        out = tmp_path / f"run-{compiled}"
+        train(None, {
+            "model": str(tiny_gpt2_dir(chat=True)), "task": {"type": "causal-lm", "max_length": 32},
+            "data": {"train": str(train_file)},
+            "method": {"name": "lora", "r": 4, "targets": ["c_attn", "c_fc"]},
+            "training": {"max_steps": 4, "batch_size": 8, "learning_rate": 5e-2, "log_every": 1, "compile": compiled},
+            "output": {"dir": str(out), "progress": False},
+        })
+        return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+
+    eager, compiled = losses(False), losses(True)
+    assert len(traced) == 1 and len(eager) == len(compiled) == 4
+    assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_training_compile_with_mezo_is_refused():
+    from leantune.train.config import TrainingSection
+
+    problems = TrainingSection(compile=True, optimizer="mezo").check()
+    assert any("training.compile" in p and "mezo" in p for p in problems)
