@@ -15,10 +15,13 @@ def _yes(flag: bool) -> str:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    """Print every registered method with its fields, defaults, mergeability and PEFT counterpart."""
+    """Print every registered method with its fields, defaults, mergeability, engine path and PEFT counterpart."""
+    print("fused: trains nn.Linear sites through the engine's fused low-rank product (dropout 0); "
+          "no: plain autograd, which every method keeps working on\n")
     for name, cls in methods().items():
         peft = f"yes ({cls.peft_type})" if cls.peft_type else "no"
-        print(f"{name}  [{cls.__name__}]  mergeable: {_yes(cls.mergeable)}  HF PEFT: {peft}")
+        print(f"{name}  [{cls.__name__}]  mergeable: {_yes(cls.mergeable)}  fused: {_yes(cls.fused_linear)}  "
+              f"HF PEFT: {peft}")
         summary = (cls.__doc__ or "").strip().splitlines()
         if summary:
             print(f"    {summary[0]}")

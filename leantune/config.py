@@ -43,6 +43,9 @@ class MethodConfig:
     name: ClassVar[str] = ""
     mergeable: ClassVar[bool] = False
     peft_type: ClassVar[str | None] = None
+    # Its default config trains nn.Linear sites through the engine's fused low-rank product
+    # (engine/lowrank_linear.py) when dropout is 0; checked for every method by the harness.
+    fused_linear: ClassVar[bool] = False
     # HF PEFT keeps prompt-learning tensors at model level: no target_modules, bare key names.
     peft_prompt_learning: ClassVar[bool] = False
     default_targets: ClassVar[str | list[str]] = "all-linear"

@@ -19,7 +19,8 @@ def test_methods_lists_every_method_with_fields_defaults_and_flags(capsys):
         for field, _, default in cls.field_docs():
             assert f"{field}: " in out and repr(default) in out
     lora_block = out.split("lora  [LoRA]", 1)[1].split("\n\n", 1)[0]
-    assert "mergeable: yes" in lora_block and "HF PEFT: yes (LORA)" in lora_block
+    assert "mergeable: yes" in lora_block and "HF PEFT: yes (LORA)" in lora_block and "fused: yes" in lora_block
+    assert "fused: no" in out.split("dora  [DoRA]", 1)[1].split("\n\n", 1)[0]
     assert "r: int = 8" in lora_block and "alpha: float = 8.0" in lora_block
     assert "modules_to_save: list[str] | None = None" in lora_block
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -71,6 +72,19 @@ def test_save_load_reproduces_outputs(bases, name, kind, tmp_path):
     loaded = lt.load_adapter(copy.deepcopy(base), tmp_path / "adapter")
     torch.testing.assert_close(outputs(loaded, inputs), outputs(model, inputs), rtol=0, atol=0)
     assert lt.trainable_parameters(loaded)[0] == 0, "a loaded adapter is frozen unless is_trainable=True"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_fused_linear_flag_says_which_path_training_takes(bases, name, monkeypatch):
+    """``leantune methods`` prints ``fused_linear``: it must be what a training forward does."""
+    fused = sys.modules["leantune.engine.lowrank_linear"]
+    calls = []
+    real = fused.lowrank_linear
+    monkeypatch.setattr(fused, "lowrank_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, model, _ = adapted(bases, name, "llama", trained=False)
+    model.train()
+    model(**{k: v for k, v in batch("llama").items() if k != "labels"})
+    assert bool(calls) == lt.get_method(name).fused_linear, f"{name}: {len(calls)} fused calls"
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -73,6 +73,7 @@ class AdaLoRA(_BudgetFields):
     rank_pattern: dict[str, int] = config_field({})
 
     name: ClassVar[str] = "adalora"
+    fused_linear: ClassVar[bool] = True
     peft_type: ClassVar[str | None] = "ADALORA"
 
     def __post_init__(self) -> None:
@@ -136,6 +137,7 @@ class IncreLoRA(_BudgetFields):
     orth_reg_weight: float = 0.1
 
     name: ClassVar[str] = "increlora"
+    fused_linear: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

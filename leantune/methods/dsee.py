@@ -27,6 +27,7 @@ class DSEE(LoRA):
     sparse_entries: int = 64
 
     name: ClassVar[str] = "dsee"
+    fused_linear: ClassVar[bool] = False  # the sparse delta runs beside the low-rank one
     mergeable: ClassVar[bool] = True
     peft_type: ClassVar[str | None] = None
     site_types: ClassVar[tuple[type, ...]] = SPARSE_SITE_TYPES

@@ -54,6 +54,7 @@ class IST(MethodConfig):
     inner: MethodConfig = field(init=False, repr=False, compare=False)
 
     name: ClassVar[str] = "ist"
+    fused_linear: ClassVar[bool] = True  # with its default wrapped LoRA; otherwise as the wrapped method
 
     def __post_init__(self) -> None:
         super().__post_init__()

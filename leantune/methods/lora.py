@@ -41,6 +41,7 @@ class LoRA(MethodConfig):
     init: str = "lora"
 
     name: ClassVar[str] = "lora"
+    fused_linear: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
     peft_type: ClassVar[str | None] = "LORA"
     site_types: ClassVar[tuple[type, ...]] = WEIGHT_TYPES

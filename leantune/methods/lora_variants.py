@@ -112,6 +112,7 @@ class DoRA(LoRA):
     rslora: bool = False
 
     name: ClassVar[str] = "dora"
+    fused_linear: ClassVar[bool] = False  # the magnitude divides by the adapted weight's column norms
 
     def scale_for(self, path: str, r: int) -> float:
         return float(pattern_value(self.alpha_pattern, path, self.alpha)) / (math.sqrt(r) if self.rslora else r)
@@ -238,6 +239,7 @@ class DyLoRA(MethodConfig):
     eval_rank: int | None = None
 
     name: ClassVar[str] = "dylora"
+    fused_linear: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
 
     def __post_init__(self) -> None:

@@ -33,6 +33,7 @@ class QLoRA(LoRA):
     """
 
     name: ClassVar[str] = "qlora"
+    fused_linear: ClassVar[bool] = False  # the base is 4-bit, not an nn.Linear
     mergeable: ClassVar[bool] = True
     peft_type: ClassVar[str | None] = "LORA"
     site_types: ClassVar[tuple[type, ...]] = LINEAR_TYPES

@@ -65,6 +65,7 @@ class VeRA(MethodConfig):
     save_projection: bool = False
 
     name: ClassVar[str] = "vera"
+    fused_linear: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
     peft_type: ClassVar[str | None] = "VERA"
     site_types: ClassVar[tuple[type, ...]] = LINEAR_TYPES
@@ -136,6 +137,7 @@ class NoLA(MethodConfig):
     seed: int = 0
 
     name: ClassVar[str] = "nola"
+    fused_linear: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
     site_types: ClassVar[tuple[type, ...]] = LINEAR_TYPES
 
@@ -199,6 +201,7 @@ class MoS(MethodConfig):
     seed: int = 0
 
     name: ClassVar[str] = "mos"
+    fused_linear: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
     site_types: ClassVar[tuple[type, ...]] = LINEAR_TYPES
 

@@ -70,6 +70,7 @@ class PiSSA(_Restorable, MethodConfig):
     restore: bool = False
 
     name: ClassVar[str] = "pissa"
+    fused_linear: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
 
     def make_delta(self, path: str, module: nn.Module) -> Residual:
@@ -151,6 +152,7 @@ class CorDA(_Restorable, MethodConfig):
     restore: bool = False
 
     name: ClassVar[str] = "corda"
+    fused_linear: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
     site_types: ClassVar[tuple[type, ...]] = LINEAR_TYPES
 
@@ -207,6 +209,7 @@ class SVFit(_Restorable, MethodConfig):
     restore: bool = False
 
     name: ClassVar[str] = "svfit"
+    fused_linear: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
 
     def make_delta(self, path: str, module: nn.Module) -> SVFitDelta:
