@@ -108,3 +108,28 @@ def test_training_compile_with_mezo_is_refused():
 
     problems = TrainingSection(compile=True, optimizer="mezo").check()
     assert any("training.compile" in p and "mezo" in p for p in problems)
+
+
+def test_lt_compile_of_a_module_stays_a_module_and_keeps_less():
+    def run(compiler) -> tuple[torch.nn.Module, int, float]:
+        torch._dynamo.reset()
+        model = tiny_llama()
+        lt.adapt(model, lt.LoRA(r=4, targets=TARGETS, init="random"))
+        compiled = compiler(model, backend=BACKEND)
+        ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+        kept = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() and t.shape[0] in (BATCH, BATCH * SEQ):
+                kept[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = compiled(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return compiled, kept[0], loss.item()
+
+    plain, plain_kept, plain_loss = run(torch.compile)
+    ours, ours_kept, ours_loss = run(lt.compile)
+    assert isinstance(ours, torch.nn.Module) and ours.state_dict().keys() == plain.state_dict().keys()
+    assert ours_kept < plain_kept and ours_loss == pytest.approx(plain_loss, rel=1e-6)

@@ -19,6 +19,7 @@ import functools
 from collections.abc import Callable
 
 import torch
+from torch import nn
 from torch._functorch import config as partitioner_config
 
 
@@ -28,13 +29,21 @@ def compile(fn: Callable, *, recompute_cheap: bool = True, **compile_kwargs) -> 
 
     ``compile_kwargs`` go to ``torch.compile`` unchanged (``mode="reduce-overhead"``
     for CUDA graphs, ``backend=...``, ``dynamic=...``). The setting only applies while
-    ``fn`` is traced, so other compiled functions in the process are unaffected.
+    ``fn`` is traced, so other compiled functions in the process are unaffected. A
+    module comes back as ``torch.compile`` returns it (parameters, ``state_dict`` and
+    all), with the setting applied to its forward.
     """
     compiled = torch.compile(fn, **compile_kwargs)
     if not recompute_cheap:
         return compiled
+    if isinstance(compiled, nn.Module):
+        compiled.forward = _recomputing(compiled.forward)
+        return compiled
+    return _recomputing(compiled)
 
-    @functools.wraps(fn)
+
+def _recomputing(compiled: Callable) -> Callable:
+    @functools.wraps(compiled)
     def run(*args, **kwargs):
         with partitioner_config.patch(ban_recompute_materialized_backward=False):
             return compiled(*args, **kwargs)
