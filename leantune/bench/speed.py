@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 import leantune as lt
+from leantune.demo import write_json_atomically
 from leantune.engine import MeZO, causal_lm_loss, configure
 
 SIZES = {
@@ -371,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
             results=results, ratios=ratios(results), loss_match=[m for m in (loss_match(results, a, b) for a, b in rival_pairs(results)) if m],
         )
         if args.out:  # after every mode, so a run cut short still leaves its numbers
-            (Path(args.out) / f"speed_{args.size}.json").write_text(json.dumps(report, indent=1) + "\n")
+            write_json_atomically(Path(args.out) / f"speed_{args.size}.json", report)
     for m in [*report["ratios"], *report["loss_match"]]:
         print(json.dumps(m), flush=True)
     if args.out:
