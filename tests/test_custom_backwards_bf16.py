@@ -1,5 +1,5 @@
 """Custom backwards in bf16 against an fp32 reference of the unfused form, on CPU and (when
-one is present) CUDA: LoRA-FA's projection and the sparse delta product.
+one is present) CUDA: LoRA-FA's projection, the sparse delta product and the NF4 linear.
 (The fused low-rank linear, the chunked loss and activation compression have their own.)"""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leantune.core.quant import QuantLinear, nf4_dequantize
 from leantune.core.sparse import SparseDelta
 from leantune.core.weights import weight_view
 from leantune.methods.lora_variants import FrozenAProjection
@@ -64,3 +65,25 @@ def test_sparse_delta_product_bf16_matches_fp32_reference(device):
 
     for got, ref in zip(run(torch.bfloat16, True), run(torch.float32, False), strict=True):
         assert torch.isfinite(got).all() and _rel_err(got, ref) < 2e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nf4_linear_bf16_matches_fp32_reference(device):
+    # The pure-PyTorch NF4 path (kernel="torch"; bitsandbytes, where installed, has its own),
+    # with rows split into chunks so the chunked forward and backward are both exercised.
+    torch.manual_seed(0)
+    layer = QuantLinear.from_module(nn.Linear(256, 192, bias=False)).to(device)
+    layer.kernel, layer.chunk_weights = "torch", 64 * 256
+    assert len(layer.row_chunks()) == 3
+    weight = nf4_dequantize(layer.chunk_codes(0, 192), (192, 256)).to(device)  # what the codes stand for, fp32
+    x = torch.randn(4, 32, 256, device=device)
+    grad_y = torch.randn(4, 32, 192, device=device)
+
+    def run(dtype, custom):
+        xx = x.to(dtype).requires_grad_()
+        y = layer.to(dtype)(xx) if custom else F.linear(xx, weight.to(dtype))
+        y.backward(grad_y.to(dtype))
+        return y, xx.grad
+
+    for got, ref in zip(run(torch.bfloat16, True), run(torch.float32, False), strict=True):
+        assert got.dtype == torch.bfloat16 and _rel_err(got, ref) < 1e-2

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ce_kernel
+
 IGNORE_INDEX = -100
 # Logit values per block (2^26: 0.25 GiB in fp32); rows per block = this // vocabulary size.
 BLOCK_ELEMENTS = 1 << 26
@@ -27,8 +29,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     ``forward(hidden (N, H), weight (V, H), targets (N,), rows, with_grad)``.
     Logits are computed in ``hidden``'s dtype and upcast to fp32 for the
-    softmax, as transformers' loss does. Targets equal to ``IGNORE_INDEX`` do
-    not count.
+    softmax, as transformers' loss does (on CUDA in one Triton kernel per block:
+    engine/ce_kernel.py). Targets equal to ``IGNORE_INDEX`` do not count.
     """
 
     @staticmethod
@@ -41,22 +43,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
         total = hidden.new_zeros((), dtype=acc)
-        classes = torch.arange(weight.shape[0], device=hidden.device)
         for start in range(0, hidden.shape[0], rows):
-            h, t, v = hidden[start:start + rows], safe[start:start + rows, None], valid[start:start + rows]
-            logits = (h @ weight.T).to(acc)
-            lse = logits.logsumexp(-1, keepdim=True)
-            total = total + ((lse - logits.gather(1, t)).squeeze(1) * v).sum()
-            if need_h or need_w:
-                # d loss / d logits = (softmax - onehot) · valid / count; the one-hot as a
-                # compare, not a scatter, so that torch.compile can fuse it with the softmax
-                probs = logits.sub_(lse).exp_()
-                probs.sub_((classes == t).to(acc))
-                g = probs.mul_((v / count)[:, None]).to(hidden.dtype)
-                if need_h:
-                    grad_h[start:start + rows] = g @ weight
-                if need_w:
-                    grad_w += g.T @ h
+            h, t, v = hidden[start:start + rows], safe[start:start + rows], valid[start:start + rows]
+            losses, g = ce_kernel.cross_entropy_rows(h @ weight.T, t, v / count if need_h or need_w else None)
+            total = total + (losses * v).sum()
+            if need_h:
+                grad_h[start:start + rows] = g @ weight
+            if need_w:
+                grad_w += g.T @ h
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
         return total / count
 
