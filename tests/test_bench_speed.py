@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 from leantune.bench import speed
 
@@ -16,6 +17,7 @@ def test_speed_bench_runs_forward_loss_mezo_lora_and_lst_modes(tmp_path, capsys)
     rows = {r["mode"]: r for r in printed if "mode" in r and "step_s" in r}
     assert list(rows) == modes[:-1]
     report = json.loads((tmp_path / "speed_tiny.json").read_text())
+    assert report["host_cpu"].endswith(f"{os.cpu_count()} cores") and len(report["host_cpu"]) > 10
     by = {r["mode"]: r for r in report["results"]}
     assert by["boom"]["error"].startswith("ValueError: unknown mode 'boom'"), "one bad mode costs only its own row"
     for mode in modes[:-1]:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -330,6 +332,19 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--profile", action="store_true", help="write each mode's top GPU kernels to profile_<size>.txt")
 
 
+def host_cpu() -> str:
+    """The host's CPU model and core count. Compiled steps without CUDA graphs that launch many
+    small kernels (LST's side network) run at the speed of the CPU that launches them, so runs
+    from different hosts compare only with this in view."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(ap)
@@ -368,7 +383,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in res.items() if k != "losses"}), flush=True)
         report = dict(
             size=args.size, device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-            torch=torch.__version__, steps=args.steps, warmup=args.warmup, lr=args.lr, argv=sys.argv[1:],
+            host_cpu=host_cpu(), torch=torch.__version__, steps=args.steps, warmup=args.warmup, lr=args.lr, argv=sys.argv[1:],
             results=results, ratios=ratios(results), loss_match=[m for m in (loss_match(results, a, b) for a, b in rival_pairs(results)) if m],
         )
         if args.out:  # after every mode, so a run cut short still leaves its numbers
