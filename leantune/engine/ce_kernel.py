@@ -1,4 +1,4 @@
-"""Cross-entropy of a block of logits and its gradient in two reads of the logits (Triton, CUDA).
+"""Cross-entropy of a block of logits and its gradient: one Triton kernel on CUDA, PyTorch elsewhere.
 
 Per row, one pass keeps a running maximum and sum of exponentials (online softmax)
 to get ``log Σ exp``; a second pass writes ``(softmax − one-hot) · weight``. Traced by
@@ -76,7 +76,7 @@ def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor,
     losses = torch.empty(rows, device=logits.device, dtype=torch.float32)
     grad = torch.empty((rows, vocab), device=logits.device, dtype=logits.dtype) if weights is not None else None
     programs = min(rows, PROGRAMS_PER_SM * _multiprocessors(logits.device))
-    _cross_entropy_rows[(programs,)](logits, logits.stride(0), targets,
+    _cross_entropy_rows[(programs,)](logits, logits.stride(0), targets.contiguous(),
                                      losses if weights is None else weights.float(), losses,
                                      losses if grad is None else grad, rows, vocab,
                                      WITH_GRAD=grad is not None, BLOCK=BLOCK, num_warps=WARPS)
