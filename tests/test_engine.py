@@ -31,7 +31,8 @@ def _leaf(*shape: int, dtype=torch.float64, device="cpu", grad: bool = True) -> 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("ranks", [(3,), (2, 4)], ids=["one-adapter", "two-adapters"])
 @pytest.mark.parametrize("trains", ["all", "factors-only"])
-def test_fused_lowrank_linear_gradcheck(bias, ranks, trains):
+@pytest.mark.parametrize("merged", [False, True], ids=["deltas-on-activations", "merged-weight"])
+def test_fused_lowrank_linear_gradcheck(bias, ranks, trains, merged):
     torch.manual_seed(0)
     everything = trains == "all"
     x, w = _leaf(2, 3, 6, grad=everything), _leaf(5, 6, grad=everything)
@@ -40,7 +41,7 @@ def test_fused_lowrank_linear_gradcheck(bias, ranks, trains):
     scales = [0.5, 2.0][: len(ranks)]
 
     def f(x, w, b, *fs):
-        return lowrank_linear(x, w, b, [(fs[2 * i], fs[2 * i + 1], s) for i, s in enumerate(scales)])
+        return lowrank_linear(x, w, b, [(fs[2 * i], fs[2 * i + 1], s) for i, s in enumerate(scales)], merged=merged)
 
     assert torch.autograd.gradcheck(f, (x, w, b, *factors))
 
@@ -241,7 +242,8 @@ def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @CUDA
-def test_cuda_fused_linear_bf16_matches_fp32_reference():
+@pytest.mark.parametrize("merged", [False, True], ids=["deltas-on-activations", "merged-weight"])
+def test_cuda_fused_linear_bf16_matches_fp32_reference(merged):
     torch.manual_seed(0)
     dev = "cuda"
     x = torch.randn(4, 512, 1024, device=dev)
@@ -254,7 +256,7 @@ def test_cuda_fused_linear_bf16_matches_fp32_reference():
         xx = x.to(dtype).requires_grad_()
         fs = [(a.clone().requires_grad_(), b.clone().requires_grad_(), s) for a, b, s in factors]
         if fused:
-            y = lowrank_linear(xx, w.to(dtype), bias.to(dtype), fs)
+            y = lowrank_linear(xx, w.to(dtype), bias.to(dtype), fs, merged=merged)
         else:  # the unfused reference: plain autograd
             y = nn.functional.linear(xx, w.to(dtype), bias.to(dtype))
             for a, b, s in fs:

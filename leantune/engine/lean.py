@@ -9,8 +9,8 @@ elementwise work, not attention). Gradients are unchanged: it is the same
 function.
 
 Keeping the non-widening products too (q, k, v, o) would re-run a sixth less,
-but the fused path updates those outputs in place, and a kept tensor must not
-change after it is kept.
+but the fused path's unmerged form updates those outputs in place, and a kept
+tensor must not change after it is kept.
 """
 
 from __future__ import annotations

@@ -1,0 +1,60 @@
+"""``W + B A`` for a weight and its low-rank deltas: one Triton kernel on CUDA, PyTorch elsewhere.
+
+With many tokens per step, adding a rank-r delta to the weight costs less than adding it
+to the activations: merging reads ``W`` and writes ``W'`` (2·N·K elements) while the
+unmerged form reads and writes the output and the input gradient (2·T·(N + K)). This kernel
+does the merge in one pass: each tile of ``W`` plus one small ``tl.dot`` of the factors,
+summed in fp32 and rounded once. ``transposed`` writes ``W'ᵀ`` instead, so that the backward's
+merge is a different call from the forward's and a compiler cannot fold the two into one
+saved ``W'``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the PyTorch path below
+    triton = None
+
+BLOCK_N, BLOCK_K = 64, 128
+
+if triton is not None:
+
+    @triton.jit
+    def _merge(w, b, a, out, N, K, R, swn, swk, sbn, sbr, sar, sak, son, sok,
+               BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        rk = tl.program_id(1) * BK + tl.arange(0, BK)
+        rr = tl.arange(0, BR)
+        inside = (rn[:, None] < N) & (rk[None, :] < K)
+        bt = tl.load(b + rn[:, None] * sbn + rr[None, :] * sbr, mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
+        at = tl.load(a + rr[:, None] * sar + rk[None, :] * sak, mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
+        wt = tl.load(w + rn[:, None].to(tl.int64) * swn + rk[None, :] * swk, mask=inside, other=0.0)
+        merged = wt.to(tl.float32) + tl.dot(bt, at)
+        tl.store(out + rn[:, None].to(tl.int64) * son + rk[None, :].to(tl.int64) * sok,
+                 merged.to(out.dtype.element_ty), mask=inside)
+
+
+def available(weight: torch.Tensor) -> bool:
+    """Whether the Triton kernel runs for ``weight`` (CUDA, fp16 or bf16, 2-D)."""
+    return triton is not None and weight.is_cuda and weight.dim() == 2 and weight.dtype in (torch.float16,
+                                                                                            torch.bfloat16)
+
+
+def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """``weight + b @ a`` (``b``: N × R with the scales folded in, ``a``: R × K, both in the
+    weight's dtype), or its transpose, as a new contiguous tensor."""
+    if not available(weight):
+        merged = torch.addmm(weight, b, a)
+        return merged.T.contiguous() if transposed else merged
+    N, K = weight.shape
+    R = a.shape[0]
+    out = torch.empty((K, N) if transposed else (N, K), device=weight.device, dtype=weight.dtype)
+    son, sok = (1, N) if transposed else (K, 1)
+    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(K, BLOCK_K))
+    _merge[grid](weight, b, a, out, N, K, R, weight.stride(0), weight.stride(1), b.stride(0), b.stride(1),
+                 a.stride(0), a.stride(1), son, sok, BN=BLOCK_N, BK=BLOCK_K, BR=max(16, triton.next_power_of_2(R)))
+    return out

@@ -1,0 +1,44 @@
+"""The merged-weight form of the fused linear: its kernel and when it is chosen."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leantune.engine import merge_kernel
+from leantune.engine.lowrank_linear import merge_pays
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_cpu_path_is_weight_plus_product_and_merging_is_never_chosen_off_cuda():
+    torch.manual_seed(0)
+    w, a, b = torch.randn(5, 7), torch.randn(3, 7), torch.randn(5, 3)
+    assert torch.allclose(merge_kernel.merged_weight(w, a, b), w + b @ a, atol=1e-6)
+    assert torch.allclose(merge_kernel.merged_weight(w, a, b, transposed=True), (w + b @ a).T, atol=1e-6)
+    assert merge_kernel.merged_weight(w, a, b, transposed=True).is_contiguous()
+    assert not merge_pays(torch.randn(10_000, 7), w)  # no kernel on CPU: deltas stay on the activations
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("n", "k", "r"), [(2048, 2048, 16), (300, 700, 3), (129, 8192, 40)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_cuda_kernel_matches_fp32_merge(dtype, n, k, r, transposed):
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device="cuda") / k**0.5
+    a, b = torch.randn(r, k, device="cuda") / k**0.5, torch.randn(n, r, device="cuda") / r
+    ref = w + b.to(dtype).float() @ a.to(dtype).float()
+    got = merge_kernel.merged_weight(w.to(dtype), a.to(dtype), b.to(dtype), transposed=transposed)
+    assert got.dtype == dtype and got.is_contiguous()
+    got = got.T if transposed else got
+    # one rounding of an fp32 sum (plus the rounding of w itself to dtype)
+    assert ((got.float() - ref).abs() <= 2 ** -7 * ref.abs() + 2 ** -7 * w.abs() + 1e-6).all()
+
+
+@CUDA
+def test_cuda_merge_is_chosen_when_tokens_outnumber_the_weight():
+    w = torch.zeros(2048, 2048, device="cuda", dtype=torch.bfloat16)
+    assert merge_pays(torch.zeros(4, 1024, 2048, device="cuda", dtype=torch.bfloat16), w)
+    assert not merge_pays(torch.zeros(2, 256, 2048, device="cuda", dtype=torch.bfloat16), w)
+    assert not merge_pays(torch.zeros(4, 1024, 2048, device="cuda"), w.float())  # fp32: no kernel
