@@ -17,12 +17,12 @@ def test_cpu_path_is_weight_plus_product_and_merging_is_never_chosen_off_cuda():
     assert torch.allclose(merge_kernel.merged_weight(w, a, b), w + b @ a, atol=1e-6)
     assert torch.allclose(merge_kernel.merged_weight(w, a, b, transposed=True), (w + b @ a).T, atol=1e-6)
     assert merge_kernel.merged_weight(w, a, b, transposed=True).is_contiguous()
-    assert not merge_pays(torch.randn(10_000, 7), w)  # no kernel on CPU: deltas stay on the activations
+    assert not merge_pays(torch.randn(10_000, 7), w, 3)  # no kernel on CPU: deltas stay on the activations
 
 
 @CUDA
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("n", "k", "r"), [(2048, 2048, 16), (300, 700, 3), (129, 8192, 40)])
+@pytest.mark.parametrize(("n", "k", "r"), [(2048, 2048, 16), (300, 700, 3), (129, 8192, 40), (512, 384, 64)])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_cuda_kernel_matches_fp32_merge(dtype, n, k, r, transposed):
     torch.manual_seed(0)
@@ -39,6 +39,8 @@ def test_cuda_kernel_matches_fp32_merge(dtype, n, k, r, transposed):
 @CUDA
 def test_cuda_merge_is_chosen_when_tokens_outnumber_the_weight():
     w = torch.zeros(2048, 2048, device="cuda", dtype=torch.bfloat16)
-    assert merge_pays(torch.zeros(4, 1024, 2048, device="cuda", dtype=torch.bfloat16), w)
-    assert not merge_pays(torch.zeros(2, 256, 2048, device="cuda", dtype=torch.bfloat16), w)
-    assert not merge_pays(torch.zeros(4, 1024, 2048, device="cuda"), w.float())  # fp32: no kernel
+    many, few = (torch.zeros(n, 2048, device="cuda", dtype=torch.bfloat16) for n in (4096, 512))
+    assert merge_pays(many, w, 16)
+    assert not merge_pays(few, w, 16)
+    assert not merge_pays(many.float(), w.float(), 16)  # fp32: no kernel
+    assert not merge_pays(many, w, merge_kernel.MAX_RANK + 1)  # the rank is one tile of the kernel

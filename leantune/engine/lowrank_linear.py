@@ -96,16 +96,16 @@ def _stacked(factors: Sequence[torch.Tensor], scales: Sequence[float],
     return a, b
 
 
-def merge_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def merge_pays(x: torch.Tensor, weight: torch.Tensor, rank: int) -> bool:
     """Whether merging the deltas into the weight moves fewer bytes than adding them to the
-    activations, on CUDA where the merge is one kernel. Merged: ``W`` read and ``W'`` written,
+    activations (deltas of total rank ``rank``), on CUDA where the merge is one kernel. Merged: ``W`` read and ``W'`` written,
     forward and backward (4·N·K elements). Unmerged: the output and the input gradient read
     and written once more (2·T·(N + K)), and under torch.compile copied once as well (the
     compiled in-place GEMM writes a copy of its input)."""
     rows = x.numel() // x.shape[-1]
     n, k = weight.shape
     passes = 4 if torch.compiler.is_compiling() else 2
-    return merge_kernel.available(weight) and passes * rows * (n + k) > 4 * n * k
+    return merge_kernel.available(weight, rank) and passes * rows * (n + k) > 4 * n * k
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scales: Sequence[float],
@@ -132,7 +132,7 @@ def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if not torch.is_grad_enabled():
         return _forward(x, weight, bias, scales, flat)[0]
     if merged is None:
-        merged = merge_pays(x, weight)
+        merged = merge_pays(x, weight, sum(a.shape[0] for a, _, _ in factors))
     return LowRankLinear.apply(x, weight, bias, scales, merged, *flat)
 
 

@@ -20,6 +20,8 @@ except ImportError:  # CPU-only installs: the PyTorch path below
     triton = None
 
 BLOCK_N, BLOCK_K = 64, 128
+# The whole rank is one tile of the kernel; past this it would not fit in shared memory.
+MAX_RANK = 64
 
 if triton is not None:
 
@@ -38,16 +40,17 @@ if triton is not None:
                  merged.to(out.dtype.element_ty), mask=inside)
 
 
-def available(weight: torch.Tensor) -> bool:
-    """Whether the Triton kernel runs for ``weight`` (CUDA, fp16 or bf16, 2-D)."""
-    return triton is not None and weight.is_cuda and weight.dim() == 2 and weight.dtype in (torch.float16,
-                                                                                            torch.bfloat16)
+def available(weight: torch.Tensor, rank: int) -> bool:
+    """Whether the Triton kernel runs for ``weight`` and deltas of total ``rank`` (CUDA, fp16
+    or bf16, 2-D, rank at most :data:`MAX_RANK`)."""
+    return (triton is not None and weight.is_cuda and weight.dim() == 2 and rank <= MAX_RANK
+            and weight.dtype in (torch.float16, torch.bfloat16))
 
 
 def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, transposed: bool = False) -> torch.Tensor:
     """``weight + b @ a`` (``b``: N × R with the scales folded in, ``a``: R × K, both in the
     weight's dtype), or its transpose, as a new contiguous tensor."""
-    if not available(weight):
+    if not available(weight, a.shape[0]):
         merged = torch.addmm(weight, b, a)
         return merged.T.contiguous() if transposed else merged
     N, K = weight.shape
