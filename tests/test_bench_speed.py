@@ -6,6 +6,8 @@ import json
 import math
 import os
 
+import pytest
+
 from leantune.bench import speed
 
 
@@ -49,3 +51,29 @@ def test_cuda_graph_ratios_compare_against_the_faster_compiled_peft():
     assert best["theirs"] == "peft_compile_cg" and best["ratio"] == 1.25
     assert got[("lt_cg_vs_peft_best", "peak_gib")]["ratio"] == round(6.0 / 9.0, 3)
     assert got[("lt_vs_peft", "tok_s")]["theirs"] == "peft_compile" and got[("lt_vs_peft", "tok_s")]["ratio"] == 1.2
+
+
+def test_timeline_splits_idle_time_into_host_launch_waits_and_other_gaps():
+    from leantune.bench.timeline import gap_summary
+
+    def kernel(name, ts, dur, corr):
+        return dict(ph="X", cat="kernel", name=name, ts=ts, dur=dur, args=dict(correlation=corr))
+
+    def launch(ts, corr):
+        return dict(ph="X", cat="cuda_runtime", name="cudaLaunchKernel", ts=ts, dur=3, args=dict(correlation=corr))
+
+    trace = {"traceEvents": [
+        dict(ph="X", cat="cpu_op", name="step", ts=0, dur=5),
+        launch(1, 1), kernel("gemm", 10, 50, 1),       # 10 µs before the first kernel
+        launch(20, 2), kernel("merge", 61, 10, 2),     # 1 µs: dispatch latency
+        launch(80, 3), kernel("thin", 85, 5, 3),       # 14 µs: launched after "merge" ended
+        launch(30, 4), kernel("gemm", 100, 20, 4),     # 10 µs, launched long before: not the host
+    ]}
+    got = gap_summary(trace, top=2)
+    assert got["lead_us"] == 10 and got["span_us"] == 120 and got["busy_us"] == 85 and got["kernels"] == 4
+    assert got["idle_host_launch_us"] == 14 and got["idle_other_us"] == 10 and got["idle_small_us"] == 1
+    assert [g["before"] for g in got["longest_gaps"]] == ["thin", "gemm"]
+    assert got["top_kernels"][0] == dict(name="gemm", us=70)
+    assert got["lead_host_spans"][0] == dict(name="step", us=5)
+    with pytest.raises(ValueError, match="no device events"):
+        gap_summary({"traceEvents": [dict(ph="X", cat="cpu_op", name="x", ts=0, dur=1)]})

@@ -4,6 +4,7 @@ initialisation, the shared virtual-token hooks, and bad input."""
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 
 import pytest
@@ -46,7 +47,28 @@ def copy_head(pm, ours) -> None:
             pm.base_model.classifier.modules_to_save["default"].state_dict())
 
 
+def list_the_old_cache_name(pm) -> None:
+    """PEFT (0.21) runs a classifier's prefixes through its backbone only if the backbone's forward
+    lists ``past_key_values``; transformers 5.25 renamed it ``cache`` and still takes the old name
+    (until 5.40). List that name too, so PEFT computes the reference it always did."""
+    backbone = pm.base_model.get_submodule(pm.transformer_backbone_name)
+    sig = inspect.signature(backbone.forward)
+    params = list(sig.parameters.values())
+    if "past_key_values" in sig.parameters or "cache" not in sig.parameters:
+        return
+    assert params[-1].kind is inspect.Parameter.VAR_KEYWORD, "the old name goes before **kwargs"
+    old = inspect.Parameter("past_key_values", inspect.Parameter.KEYWORD_ONLY, default=None)
+
+    def forward(*args, **kwargs):
+        return type(backbone).forward(backbone, *args, **kwargs)
+
+    forward.__signature__ = sig.replace(parameters=[*params[:-1], old, params[-1]])
+    backbone.forward = forward
+
+
 def peft_logits(pm, kind: str, inputs, n_prompt: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    if kind == "bert-cls":
+        list_the_old_cache_name(pm)
     with torch.no_grad():
         out = pm(**inputs)
     logits = out.logits if kind == "bert-cls" else out.logits[:, n_prompt:]  # PEFT keeps the prompt positions

@@ -111,3 +111,24 @@ def test_ctrl_c_under_torchrun_saves_a_checkpoint_and_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming at step {step}" in resumed.stderr and f"done, {step + 2} steps" in resumed.stderr
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("torchrun", [False, True])
+def test_a_repeat_under_torchrun_is_its_forwarded_copy_however_late(monkeypatch, torchrun):
+    from leantune.train.loop import stop_on_sigint
+
+    if torchrun:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    else:
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), stop_on_sigint() as interrupted:
+        assert not interrupted()
+        signal.raise_signal(signal.SIGINT)
+        assert interrupted()
+        if torchrun:
+            time.sleep(1.5)  # torchrun's copy, late: still not a second Ctrl-C
+            signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # a real second Ctrl-C aborts
+        pytest.fail("the second Ctrl-C should abort")
+    assert signal.getsignal(signal.SIGINT) is before

@@ -209,15 +209,30 @@ def _one_step(s: Setup, loss_fn: Callable, opt: torch.optim.Optimizer | None, id
 
 
 def _profile(label: str, step: Callable[[], None], path: Path) -> None:
-    """Append the GPU kernels of one step, most time first, to ``path``."""
+    """Append the GPU kernels of one step, most time first, to ``path``, and where the GPU
+    waited (:func:`~leantune.bench.timeline.gap_summary`) to ``timeline_<size>.json`` beside it."""
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    from .timeline import gap_summary
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
     with path.open("a") as f:
         f.write(f"== {label}\n{table}\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        summary = gap_summary(json.loads(trace.read_text()))
+    timeline = path.with_name(path.name.replace("profile_", "timeline_").replace(".txt", ".json"))
+    report = json.loads(timeline.read_text()) if timeline.is_file() else {}
+    report[label] = summary
+    write_json_atomically(timeline, report)
+    print(json.dumps({"timeline": label, **{k: v for k, v in summary.items() if k.endswith("_us") or k == "kernels"}}),
+          flush=True)
 
 
 def run_mode(label: str, size: str, data: list[torch.Tensor], steps: int, warmup: int, lr: float,

@@ -19,6 +19,7 @@ decoding steps of ``generate``): only masks and positions are shifted then.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Iterable
@@ -195,6 +196,25 @@ def _has_virtual_tokens(model: nn.Module) -> bool:
 
 # --- the two model-level hooks -----------------------------------------------------------
 _STATE = "_leantune_virtual_call"  # (prompt positions inserted, caller length, caller wanted a tuple)
+# The key/value cache keyword: transformers 5.25 renamed ``past_key_values`` to ``cache`` (the old name
+# still works there, with a warning, until 5.40).
+_CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword that carries the key/value cache into ``model``, read from its forward or, for a
+    head that passes it on in ``**kwargs`` (BERT's classifiers), its backbone's."""
+    return _cache_kwarg(type(model), type(getattr(model, "base_model", model)))
+
+
+@functools.cache
+def _cache_kwarg(*classes: type) -> str:
+    for cls in classes:
+        params = inspect.signature(cls.forward).parameters
+        found = next((name for name in _CACHE_KWARGS if name in params), None)
+        if found:
+            return found
+    return "past_key_values"  # the name every transformers 5.x release accepts
 
 
 def install_hooks(model: nn.Module, prompts: bool, prefixes: bool) -> None:
@@ -206,7 +226,7 @@ def install_hooks(model: nn.Module, prompts: bool, prefixes: bool) -> None:
         )
     params = inspect.signature(model.forward).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    for needed, wanted in (("inputs_embeds", prompts), ("past_key_values", prefixes)):
+    for needed, wanted in (("inputs_embeds", prompts), (cache_kwarg(model), prefixes)):
         if wanted and needed not in params and not takes_any:
             raise ValueError(f"{type(model).__name__}.forward takes no {needed}, which this method needs")
     if _before_forward not in model._forward_pre_hooks.values():
@@ -257,7 +277,7 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
     n_prompt = sum(d.n_prompt for d in live)
     n_prefix = sum(d.n_prefix for d in live)
     n_virtual = n_prompt + n_prefix
-    cache = kwargs.get("past_key_values")
+    cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)  # either name
     past = cache.get_seq_length() if cache is not None else 0
     first = past == 0  # otherwise the cache already holds the virtual tokens (decoding steps)
     inserted = n_prompt if first else 0
@@ -272,7 +292,9 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
         if cache is None:
             from transformers import DynamicCache
 
-            cache = kwargs["past_key_values"] = DynamicCache(config=model.config)
+            for name in _CACHE_KWARGS:  # a None under the other name would make transformers warn
+                kwargs.pop(name, None)
+            cache = kwargs[cache_kwarg(model)] = DynamicCache(config=model.config)
         _fill_prefix(cache, [d.prefix() for d in live if d.n_prefix], batch, dtype)
 
     if inserted or any(d.updates_embeddings for d in live):

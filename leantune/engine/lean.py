@@ -29,7 +29,7 @@ _ATTENTION_OPS = {
     if hasattr(torch.ops.aten, name)
 }
 
-_CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past")
+_CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 def keep_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -37,7 +37,22 @@ def keep_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def _let_compile_skip_replayed_side_effects() -> None:
+    """Let ``torch.compile`` trace a checkpointed layer whose forward changes Python state.
+
+    transformers 5.25 requires ``kernels`` (optional before), whose ``use_kernelized_func``
+    makes every attention forward set and reset a context variable; dynamo refuses such a
+    write inside ``checkpoint`` unless told not to replay it in backward, which a write the
+    forward undoes itself never needs. The setting is process-wide: dynamo reads it while
+    it traces the caller's compiled function, which no code of ours wraps.
+    """
+    config = torch._dynamo.config
+    if hasattr(config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+
+
 def _checkpointed(forward: Callable) -> Callable:
+    _let_compile_skip_replayed_side_effects()
     context = partial(create_selective_checkpoint_contexts, keep_policy)
 
     def run(*args, **kwargs):

@@ -40,7 +40,8 @@ from ..core.site import Delta, base_module
 from ..engine.compress import BITS, compressed_linear
 from ..registry import register
 
-_CACHES = ("past_key_values", "past_key_value", "layer_past")
+# What blocks call their key/value cache: ``cache`` from transformers 5.25 on, before that the rest.
+_CACHES = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,6 @@ from .logs import MetricsLog, memory_mb
 from .tasks import Example, Task
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-ECHO_S = 1.0  # see stop_on_sigint
 
 
 @dataclass
@@ -132,19 +131,21 @@ def stop_on_sigint() -> Iterator[Callable[[], bool]]:
     """The first Ctrl-C asks the loop to save and stop after the current step; a second one aborts.
 
     Under ``torchrun`` the terminal's Ctrl-C reaches every worker and torchrun forwards its own copy
-    a moment later: a repeat within :data:`ECHO_S` seconds is that copy, not a second Ctrl-C. The copy
-    may land after the loop, during the final save, so there the handler stays once it has fired (the
-    worker process ends with the run).
+    as well, so a worker ignores the first repeat: a count, not a time window, since a worker busy in a
+    collective or a loaded machine can run the copy's handler seconds late. The copy may land after the
+    loop, during the final save, so there the handler stays until it has come (the worker process ends
+    with the run).
     """
-    seen: list[float] = []
-    echo = ECHO_S if "TORCHELASTIC_RUN_ID" in os.environ else -1.0
+    seen: list[bool] = []
+    echoes = [1 if "TORCHELASTIC_RUN_ID" in os.environ else 0]
 
     def handler(signum: int, frame: Any) -> None:
-        if seen and time.monotonic() - seen[0] <= echo:
+        if seen and echoes[0]:
+            echoes[0] -= 1
             return
         if seen:
             raise KeyboardInterrupt
-        seen.append(time.monotonic())
+        seen.append(True)
         print("\nleantune: Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again aborts)",
               file=sys.stderr, flush=True)
 
@@ -155,7 +156,7 @@ def stop_on_sigint() -> Iterator[Callable[[], bool]]:
     try:
         yield lambda: bool(seen)
     finally:
-        if not (seen and echo > 0):
+        if not (seen and echoes[0]):
             signal.signal(signal.SIGINT, previous)
 
 
