@@ -21,6 +21,13 @@ class LowRank(Delta):
     """
 
     mergeable = True
+    # ``post`` is exactly ``scale · B A x``: false for subclasses that change a hook. A class
+    # attribute, so a compiled step checks one value instead of running a Python guard per site.
+    plain_hooks = True
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.plain_hooks = cls.post is LowRank.post and cls.pre is Delta.pre and cls.module is Delta.module
 
     def __init__(self, view: WeightView, r: int, scale: float, dropout: float = 0.0, init: str = "lora") -> None:
         super().__init__()
@@ -63,10 +70,8 @@ class LowRank(Delta):
     def fused_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """``(A, B, scale)`` when :meth:`post` is exactly ``scale · B A x`` on a Linear right
         now (no dropout in play), so the engine may fuse it; ``None`` otherwise."""
-        cls = type(self)
-        plain = cls.post is LowRank.post and cls.pre is Delta.pre and cls.module is Delta.module
         dropping = self.training and isinstance(self.dropout, nn.Dropout)
-        if self.view.kind != "linear" or dropping or not plain:
+        if self.view.kind != "linear" or dropping or not self.plain_hooks:
             return None
         return self.A, self.B, self.scale
 
