@@ -65,23 +65,6 @@ def test_lt_compile_leaves_the_global_partitioner_setting_alone(steps):
     assert partitioner_config.ban_recompute_materialized_backward is True
 
 
-@pytest.mark.parametrize("recompute_cheap", [True, False])
-def test_inductor_skips_the_input_checks_that_guards_made_only_under_lt_compile(recompute_cheap):
-    from torch._inductor import config as inductor_config
-
-    seen = []
-
-    def backend(gm, example_inputs):
-        seen.append((inductor_config.size_asserts, partitioner_config.ban_recompute_materialized_backward))
-        return gm.forward
-
-    torch._dynamo.reset()
-    f = lt.compile(lambda x: (x * 2).sum(), backend=backend, recompute_cheap=recompute_cheap)
-    assert f(torch.ones(3)).item() == 6.0
-    assert seen == [(False, not recompute_cheap)]
-    assert inductor_config.size_asserts is True, "the process-wide setting is left alone"
-
-
 def test_recompute_cheap_false_keeps_what_torch_compile_keeps(steps):
     assert steps["lt_plain"][0] == steps["torch"][0]
     assert steps["lt_plain"][1] == pytest.approx(steps["eager"][1], rel=1e-5)

@@ -11,52 +11,41 @@ what the frozen backbone keeps. Measured on an H100, LoRA r=16 on all projection
 peak memory 7.82 → 5.94 GiB (1B Llama) and 17.20 → 13.25 GiB (3B) at about the same
 speed (README, "Speed and memory"). The gradients are the same function: only what
 is stored changes.
-
-It also leaves out inductor's check of every graph input's sizes and strides, which dynamo's
-guards have already made before the graph runs: with a frozen base and its adapters that is
-~600 checks on the host before the step's first kernel, while the GPU waits.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch._functorch import config as partitioner_config
-from torch._inductor import config as inductor_config
-
-# Inductor settings while lt.compile traces: dynamo's guards check each input's sizes and strides.
-INDUCTOR_SETTINGS = {"size_asserts": False}
 
 
 def compile(fn: Callable, *, recompute_cheap: bool = True, **compile_kwargs) -> Callable:
-    """``torch.compile(fn, **compile_kwargs)`` without inductor's repeated input checks; with
-    ``recompute_cheap`` (the default), values that are cheap to rebuild in backward are rebuilt
-    instead of kept.
+    """``torch.compile(fn, **compile_kwargs)``; with ``recompute_cheap`` (the default),
+    values that are cheap to rebuild in backward are rebuilt instead of kept.
 
     ``compile_kwargs`` go to ``torch.compile`` unchanged (``mode="reduce-overhead"``
-    for CUDA graphs, ``backend=...``, ``dynamic=...``). The settings only apply while
+    for CUDA graphs, ``backend=...``, ``dynamic=...``). The setting only applies while
     ``fn`` is traced, so other compiled functions in the process are unaffected. A
     module comes back as ``torch.compile`` returns it (parameters, ``state_dict`` and
-    all), with the settings applied to its forward.
+    all), with the setting applied to its forward.
     """
     compiled = torch.compile(fn, **compile_kwargs)
-    if isinstance(compiled, nn.Module):
-        compiled.forward = _with_settings(compiled.forward, recompute_cheap)
+    if not recompute_cheap:
         return compiled
-    return _with_settings(compiled, recompute_cheap)
+    if isinstance(compiled, nn.Module):
+        compiled.forward = _recomputing(compiled.forward)
+        return compiled
+    return _recomputing(compiled)
 
 
-def _with_settings(compiled: Callable, recompute_cheap: bool) -> Callable:
+def _recomputing(compiled: Callable) -> Callable:
     @functools.wraps(compiled)
     def run(*args, **kwargs):
-        with contextlib.ExitStack() as settings:
-            settings.enter_context(inductor_config.patch(INDUCTOR_SETTINGS))
-            if recompute_cheap:
-                settings.enter_context(partitioner_config.patch(ban_recompute_materialized_backward=False))
+        with partitioner_config.patch(ban_recompute_materialized_backward=False):
             return compiled(*args, **kwargs)
 
     return run
