@@ -36,6 +36,31 @@ def test_speed_bench_runs_forward_loss_mezo_lora_and_lst_modes(tmp_path, capsys)
     assert (tmp_path / "speed_tiny.png").is_file()
 
 
+def test_a_mode_whose_loss_turns_nan_is_flagged_and_left_out_of_ratios_and_chart(tmp_path, capsys, monkeypatch):
+    real_setup = speed.setup
+
+    def poisoned(mode, model):
+        s = real_setup(mode, model)
+        if mode == "lt":  # the second step's loss (and all after it) is NaN
+            calls, loss = [], s.loss
+            s.loss = lambda *a: loss(*a) * (float("nan") if calls.append(1) or len(calls) > 1 else 1.0)
+        return s
+
+    monkeypatch.setattr(speed, "setup", poisoned)
+    assert speed.main(["--size", "tiny", "--modes", "peft,lt", "--steps", "2", "--warmup", "1",
+                       "--batch", "2", "--seq", "32", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "speed_tiny.json").read_text())
+    by = {r["mode"]: r for r in report["results"]}
+    assert "error" not in by["peft"]
+    assert by["lt"]["error"] == "loss not finite from step 1 on: not a result"
+    assert by["lt"]["tok_s"] > 0, "the numbers stay for diagnosis"
+    assert not report["loss_match"], "no loss comparison with a diverged run"
+    peft = dict(mode="peft_compile", tok_s=1.0, peak_gib=1.0)
+    assert speed.ratios([peft, dict(by["lt"], mode="lt_compile")]) == []
+    assert speed.ratios([peft, dict(by["peft"], mode="lt_compile")]), "the same row without the flag counts"
+    assert '"error": "loss not finite' in capsys.readouterr().out
+
+
 def test_mezo_mode_trains_with_forward_passes_only():
     s = speed.setup("lt_mezo", speed.build("tiny", "cpu"))
     assert s.optimizer == "mezo" and s.flops_factor == 4 and s.params

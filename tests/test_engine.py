@@ -30,14 +30,15 @@ def _leaf(*shape: int, dtype=torch.float64, device="cpu", grad: bool = True) -> 
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("ranks", [(3,), (2, 4)], ids=["one-adapter", "two-adapters"])
-@pytest.mark.parametrize("trains", ["all", "factors-only"])
+@pytest.mark.parametrize("trains", ["all", "factors-only", "B-only"])
 @pytest.mark.parametrize("merged", [False, True], ids=["deltas-on-activations", "merged-weight"])
 def test_fused_lowrank_linear_gradcheck(bias, ranks, trains, merged):
     torch.manual_seed(0)
     everything = trains == "all"
     x, w = _leaf(2, 3, 6, grad=everything), _leaf(5, 6, grad=everything)
     b = _leaf(5, grad=everything) if bias else None
-    factors = [t for r in ranks for t in (_leaf(r, 6), _leaf(5, r))]
+    # B-only: A frozen (LoRA-FA), so neither x nor A's gradient is needed
+    factors = [t for r in ranks for t in (_leaf(r, 6, grad=trains != "B-only"), _leaf(5, r))]
     scales = [0.5, 2.0][: len(ranks)]
 
     def f(x, w, b, *fs):
@@ -144,13 +145,13 @@ def test_lean_mode_keeps_loss_and_gradients_and_switches_off():
         configure(nn.Sequential(nn.Linear(2, 2)), lean=True)
 
 
-def test_lean_mode_keeps_only_attention_outputs_under_compile():
-    """What the compiled forward saves per layer: its input and attention's output, not the MLP's."""
+def _saved_under_compile(keep_attention: bool) -> tuple[list[torch.Size], int, int]:
+    """(activation shapes the compiled lean forward saves, hidden size, MLP width)."""
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
     model = _adapted_llama().train()
-    configure(model, lean=True)
+    configure(model, lean=True, keep_attention=keep_attention)
     saved: list[torch.Size] = []
 
     def partition(joint, inputs, **kw):
@@ -165,10 +166,20 @@ def test_lean_mode_keeps_only_attention_outputs_under_compile():
     ids = batch("llama", n=3, length=7)["input_ids"]  # 21 tokens: no weight has that dimension
     step = torch.compile(lambda ids: causal_lm_loss(model, ids, ids), backend=backend, fullgraph=True)
     step(ids).backward()
-    activations = [s for s in saved if 21 in s or s[:2] == (3, 7)]
-    hidden, wide = model.config.hidden_size, model.config.intermediate_size
-    assert [s for s in activations if s[-1] == hidden], "the layer inputs are kept"
-    assert not [s for s in activations if s[-1] == wide], f"MLP activations were kept: {activations}"
+    activations = [s for s in saved if s.numel() % 21 == 0]  # (3, 7, ·), (21, ·), (3, heads, 7, ·)
+    return activations, model.config.hidden_size, model.config.intermediate_size
+
+
+def test_lean_mode_keeps_only_layer_inputs_under_compile_and_attention_outputs_on_request():
+    """What the compiled forward saves per layer: its input (and, with keep_attention,
+    attention's output), never the MLP's activations."""
+    kept = {}
+    for keep_attention in (False, True):
+        activations, hidden, wide = _saved_under_compile(keep_attention)
+        assert not [s for s in activations if s[-1] == wide], f"MLP activations were kept: {activations}"
+        kept[keep_attention] = [s for s in activations if s.numel() == 21 * hidden]
+        assert kept[keep_attention], "the layer inputs are kept"
+    assert len(kept[True]) > len(kept[False]), kept
 
 
 def test_fused_linear_traces_under_torch_compile_without_graph_breaks():

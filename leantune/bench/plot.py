@@ -14,7 +14,7 @@ def draw(report: dict, path: Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return f"matplotlib is not installed: no chart; draw it later with --plot on the JSON ({path.stem})"
-    rows = [r for r in report["results"] if "tok_s" in r]
+    rows = [r for r in report["results"] if "tok_s" in r and "error" not in r]
     names = [r["name"] for r in rows]
     colors = ["tab:green" if r["mode"].startswith("lt") else "tab:blue" if r["mode"].startswith("peft")
               else "tab:gray" for r in rows]

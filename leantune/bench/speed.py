@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -280,6 +281,7 @@ def run_mode(label: str, size: str, data: list[torch.Tensor], steps: int, warmup
         _profile(label, partial(_one_step, s, loss_fn, opt, data[0]), profile_to)
     breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
     step_s = statistics.median(times[warmup:])
+    diverged = next((i for i, x in enumerate(losses) if not math.isfinite(x)), None)
     tokens = data[0].numel()
     n_base = sum(p.numel() for n, p in s.model.named_parameters() if "lora_" not in n and ".deltas." not in n)
     return dict(
@@ -290,6 +292,8 @@ def run_mode(label: str, size: str, data: list[torch.Tensor], steps: int, warmup
                       if device == "cuda" and s.loss is not None and s.optimizer == "adamw" else None),
         first_step_s=round(times[0], 1), n_train=sum(p.numel() for p in s.params),
         tflops=round(s.flops_factor * n_base * tokens / step_s / 1e12, 1), graph_breaks=breaks, losses=losses,
+        # a run that computes garbage is no result, however fast: kept for diagnosis, out of every ratio
+        **({} if diverged is None else {"error": f"loss not finite from step {diverged} on: not a result"}),
     )
 
 
@@ -308,7 +312,7 @@ def rival_pairs(results: list[dict]) -> list[tuple[str, str]]:
 
 def loss_match(results: list[dict], ours: str, theirs: str) -> dict | None:
     """How far leantune's loss curve is from PEFT's on the same batches and initial weights."""
-    by = {r["mode"]: r for r in results if "losses" in r}
+    by = {r["mode"]: r for r in results if "losses" in r and "error" not in r}
     if ours not in by or theirs not in by:
         return None
     a, b = by[ours]["losses"], by[theirs]["losses"]

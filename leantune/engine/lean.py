@@ -1,12 +1,14 @@
 """Lean mode: keep almost no activations per layer, recompute the rest in backward.
 
 Full gradient checkpointing keeps each layer's input and re-runs the whole
-layer, attention included, in backward. Lean mode checkpoints each decoder
-layer *selectively*: the attention kernel's outputs are kept (the part that is
-costly to re-run and small to keep), everything else is recomputed. Under
-``torch.compile`` only what backward reads is recomputed (projections and
-elementwise work, not attention). Gradients are unchanged: it is the same
-function.
+layer in backward. Lean mode checkpoints each decoder layer so that under
+``torch.compile`` only what backward reads is recomputed. By default it keeps
+the layer's input and the attention kernel's outputs (the part that is costly
+to re-run at long sequences, whose cost grows with their square); with
+``keep_attention=False`` it keeps only the input and re-runs attention too:
+one hidden-sized tensor less per layer (1B Llama, 4 × 1024 tokens on an H100:
+peak 3.34 against 3.45 GiB, docs/bench/device_log_issue6.md, session 7). Gradients
+are unchanged: it is the same function.
 
 Keeping the non-widening products too (q, k, v, o) would re-run a sixth less,
 but the fused path's unmerged form updates those outputs in place, and a kept
@@ -32,9 +34,14 @@ _ATTENTION_OPS = {
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
-def keep_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+def keep_attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     """Keep the attention kernel's outputs; recompute everything else."""
     return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def recompute_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Recompute whatever backward reads."""
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _let_compile_skip_replayed_side_effects() -> None:
@@ -51,9 +58,10 @@ def _let_compile_skip_replayed_side_effects() -> None:
         config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 
 
-def _checkpointed(forward: Callable) -> Callable:
+def _checkpointed(forward: Callable, keep_attention: bool) -> Callable:
     _let_compile_skip_replayed_side_effects()
-    context = partial(create_selective_checkpoint_contexts, keep_policy)
+    context = partial(create_selective_checkpoint_contexts,
+                      keep_attention_policy if keep_attention else recompute_policy)
 
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():
@@ -65,6 +73,7 @@ def _checkpointed(forward: Callable) -> Callable:
         return checkpoint(forward, *args, use_reentrant=False, context_fn=context, **kwargs)
 
     run.leantune_lean = True
+    run.leantune_keeps_attention = keep_attention
     return run
 
 
@@ -74,17 +83,20 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def configure(model: nn.Module, *, lean: bool) -> nn.Module:
+def configure(model: nn.Module, *, lean: bool, keep_attention: bool = True) -> nn.Module:
     """Switch lean mode on (``lean=True``) or back to the default (keep every
-    activation: the fastest step). Returns ``model``."""
+    activation: the fastest step); ``keep_attention`` keeps attention's outputs in
+    lean mode (see the module's docstring). Returns ``model``."""
     layers = decoder_layers(model)
     if lean and not layers:
         raise ValueError("lean mode needs a transformers model whose decoder layers it can find "
                          "(its _no_split_modules); found none")
     for layer in layers:
-        wrapped = getattr(layer.__dict__.get("forward"), "leantune_lean", False)
-        if lean and not wrapped:
-            layer.forward = _checkpointed(layer.forward)
-        elif not lean and wrapped:
+        wrapped = layer.__dict__.get("forward")
+        if getattr(wrapped, "leantune_lean", False):
+            if lean and wrapped.leantune_keeps_attention == keep_attention:
+                continue
             del layer.forward
+        if lean:
+            layer.forward = _checkpointed(layer.forward, keep_attention)
     return model
