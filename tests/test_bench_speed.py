@@ -12,7 +12,7 @@ from leantune.bench import speed
 
 
 def test_speed_bench_runs_forward_loss_mezo_lora_and_lst_modes(tmp_path, capsys):
-    modes = ["fwd_loss", "lt_mezo", "lt", "lt_lst", "lt_lean_rerun", "boom"]
+    modes = ["fwd_loss", "lt_mezo", "lt", "lt_lst", "lt_lean", "lt_lean_keep", "boom"]
     assert speed.main(["--size", "tiny", "--modes", ",".join(modes), "--steps", "2", "--warmup", "1",
                        "--batch", "2", "--seq", "32", "--out", str(tmp_path)]) == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
@@ -31,7 +31,8 @@ def test_speed_bench_runs_forward_loss_mezo_lora_and_lst_modes(tmp_path, capsys)
     # the same batches, model and initial adapter (B = 0): every mode's first loss is the base
     # model's; MeZO reports the mean of L(θ ± εz), which is O(ε²) away
     assert abs(by["lt"]["losses"][0] - by["fwd_loss"]["losses"][0]) < 1e-4
-    assert by["lt_lean_rerun"]["losses"] == pytest.approx(by["lt"]["losses"], rel=1e-4), "lean: the same function"
+    for lean in ("lt_lean", "lt_lean_keep"):
+        assert by[lean]["losses"] == pytest.approx(by["lt"]["losses"], rel=1e-4), f"{lean}: the same function"
     assert abs(by["lt_mezo"]["losses"][0] - by["fwd_loss"]["losses"][0]) < 1e-2
     assert abs(by["lt_lst"]["losses"][0] - by["fwd_loss"]["losses"][0]) < 1e-4  # LST starts as the base
     assert (tmp_path / "speed_tiny.png").is_file()

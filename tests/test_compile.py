@@ -70,13 +70,28 @@ def test_recompute_cheap_false_keeps_what_torch_compile_keeps(steps):
     assert steps["lt_plain"][1] == pytest.approx(steps["eager"][1], rel=1e-5)
 
 
-def test_training_compile_gives_the_eager_runs_losses(tmp_path, monkeypatch):
-    import leantune.train.loop as loop_module
+def _sft_losses(out, model: torch.nn.Module | None = None, **training) -> list[float]:
+    """Training losses of 4 steps of a LoRA causal-LM run on the tiny GPT-2 (``model``: given, else loaded)."""
     from leantune.train.logs import read_metrics
     from leantune.train.runner import train
 
     from .test_train_tasks import sft_rows
     from .train_helpers import tiny_gpt2_dir, write_jsonl
+
+    out.mkdir(parents=True, exist_ok=True)
+    train_file = write_jsonl(out / "sft.jsonl", sft_rows(24))
+    train(model, {
+        "model": str(tiny_gpt2_dir(chat=True)), "task": {"type": "causal-lm", "max_length": 32},
+        "data": {"train": str(train_file)},
+        "method": {"name": "lora", "r": 4, "targets": ["c_attn", "c_fc"]},
+        "training": {"max_steps": 4, "batch_size": 8, "learning_rate": 5e-2, "log_every": 1, **training},
+        "output": {"dir": str(out / "run"), "progress": False},
+    })
+    return [r["loss"] for r in read_metrics(out / "run" / "metrics.jsonl") if r["split"] == "train"]
+
+
+def test_training_compile_gives_the_eager_runs_losses(tmp_path, monkeypatch):
+    import leantune.train.loop as loop_module
 
     traced = []
 
@@ -85,22 +100,23 @@ def test_training_compile_gives_the_eager_runs_losses(tmp_path, monkeypatch):
         return lt.compile(fn, backend=BACKEND, **kwargs)
 
     monkeypatch.setattr(loop_module, "compile_function", fast_compile)
-    train_file = write_jsonl(tmp_path / "sft.jsonl", sft_rows(24))
-
-    def losses(compiled: bool) -> list[float]:
-        out = tmp_path / f"run-{compiled}"
-        train(None, {
-            "model": str(tiny_gpt2_dir(chat=True)), "task": {"type": "causal-lm", "max_length": 32},
-            "data": {"train": str(train_file)},
-            "method": {"name": "lora", "r": 4, "targets": ["c_attn", "c_fc"]},
-            "training": {"max_steps": 4, "batch_size": 8, "learning_rate": 5e-2, "log_every": 1, "compile": compiled},
-            "output": {"dir": str(out), "progress": False},
-        })
-        return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
-
-    eager, compiled = losses(False), losses(True)
+    eager, compiled = _sft_losses(tmp_path / "eager"), _sft_losses(tmp_path / "compiled", compile=True)
     assert len(traced) == 1 and len(eager) == len(compiled) == 4
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_training_lean_gives_the_same_losses_and_checkpoints_every_layer(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from .train_helpers import tiny_gpt2_dir
+
+    plain = _sft_losses(tmp_path / "plain")
+    for keep_attention in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir(chat=True))
+        lean = _sft_losses(tmp_path / f"lean-{keep_attention}", model, lean=True, lean_keep_attention=keep_attention)
+        assert lean == pytest.approx(plain, rel=1e-5), "lean mode trains the same function"
+        wrapped = [block.__dict__.get("forward") for block in model.transformer.h]
+        assert all(getattr(f, "leantune_keeps_attention", None) is keep_attention for f in wrapped), wrapped
 
 
 def test_training_compile_with_mezo_is_refused():
@@ -108,6 +124,19 @@ def test_training_compile_with_mezo_is_refused():
 
     problems = TrainingSection(compile=True, optimizer="mezo").check()
     assert any("training.compile" in p and "mezo" in p for p in problems)
+
+
+@pytest.mark.parametrize(("settings", "key", "says"), [
+    (dict(lean=True, optimizer="mezo"), "training.lean", "mezo"),
+    (dict(lean=True, distributed="fsdp2"), "training.lean", "fsdp2"),
+    (dict(lean_keep_attention=True), "training.lean_keep_attention", "lean: true"),
+])
+def test_training_lean_settings_that_cannot_work_are_refused(settings, key, says):
+    from leantune.train.config import TrainingSection
+
+    problems = TrainingSection(**settings).check()
+    assert [p for p in problems if p.startswith(key) and says in p], problems
+    assert not TrainingSection(lean=True, lean_keep_attention=True).check()
 
 
 def test_lt_compile_of_a_module_stays_a_module_and_keeps_less():

@@ -139,8 +139,9 @@ def test_lean_mode_keeps_loss_and_gradients_and_switches_off():
     assert torch.allclose(lean_loss, loss)
     for name, g in grads.items():
         assert torch.allclose(lean_grads[name], g, rtol=1e-5, atol=1e-7), name
-    configure(model, lean=True, keep_attention=False)  # re-wrapped once, not on top of the old wrapper
-    assert layer.__dict__["forward"].leantune_keeps_attention is False
+    assert layer.__dict__["forward"].leantune_keeps_attention is False, "lean re-runs attention by default"
+    configure(model, lean=True, keep_attention=True)  # re-wrapped once, not on top of the old wrapper
+    assert layer.__dict__["forward"].leantune_keeps_attention is True
     assert _loss_and_grads(model)[0] == pytest.approx(loss.item(), rel=1e-6)
     configure(model, lean=False)
     assert "forward" not in layer.__dict__

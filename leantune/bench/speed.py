@@ -54,8 +54,8 @@ RATIOS = [
     ("lt_vs_full", "lt_compile", "full_compile", "tok_s"), ("lt_vs_bound", "lt_compile", "frozen_compile", "tok_s"),
     ("lean_vs_peft_gc", "lt_lean_compile", "peft_gc_compile", "tok_s"),
     ("lean_vs_peft_gc", "lt_lean_compile", "peft_gc_compile", "peak_gib"),
-    ("lean_rerun_vs_peft_gc", "lt_lean_rerun_compile", "peft_gc_compile", "tok_s"),
-    ("lean_rerun_vs_peft_gc", "lt_lean_rerun_compile", "peft_gc_compile", "peak_gib"),
+    ("lean_keep_vs_peft_gc", "lt_lean_keep_compile", "peft_gc_compile", "tok_s"),
+    ("lean_keep_vs_peft_gc", "lt_lean_keep_compile", "peft_gc_compile", "peak_gib"),
     ("lst_vs_peft", "lt_lst_compile", "peft_compile", "tok_s"), ("lst_vs_full", "lt_lst_compile", "full_compile", "peak_gib"),
     # With CUDA graphs, against PEFT at its best: the faster of PEFT compiled with and without them.
     ("lt_cg_vs_peft_best", "lt_compile_cg", PEFT_BEST, "tok_s"), ("lt_cg_vs_peft_best", "lt_compile_cg", PEFT_BEST, "peak_gib"),
@@ -69,7 +69,7 @@ RATIOS = [
 LABELS = {
     "full": "full fine-tuning", "peft": "HF PEFT LoRA", "peft_gc": "HF PEFT LoRA + grad. ckpt",
     "frozen": "frozen backbone (bound)", "fwd": "forward only", "lt": "leantune LoRA",
-    "lt_lean": "leantune LoRA, lean", "lt_lean_rerun": "leantune LoRA, lean, attention re-run",
+    "lt_lean": "leantune LoRA, lean", "lt_lean_keep": "leantune LoRA, lean, attention kept",
     "lt_hfloss": "leantune LoRA, HF loss",
     "lt_lst": "leantune LST (side network, width / 8)",
     "lt_lst_int8": "leantune LST, int8-kept ladder inputs",
@@ -169,8 +169,8 @@ def setup(mode: str, model: nn.Module) -> Setup:
     if mode.startswith("lt"):
         lt.adapt(model, lt.LoRA(r=RANK, alpha=ALPHA, targets=TARGETS))
         seed_lora_a([(path, d.A) for path, _, d in lt.api.adapter_paths(model, "default")])
-        if mode in ("lt_lean", "lt_lean_rerun"):
-            configure(model, lean=True, keep_attention=mode == "lt_lean")
+        if mode in ("lt_lean", "lt_lean_keep"):
+            configure(model, lean=True, keep_attention=mode == "lt_lean_keep")
         loss = partial(_hf_loss, model) if mode == "lt_hfloss" else partial(causal_lm_loss, model)
         params = [p for p in model.parameters() if p.requires_grad]
         if mode == "lt_mezo":

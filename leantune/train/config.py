@@ -121,7 +121,9 @@ class TrainingSection:
     / ``save_every`` = 0 means at the end only; ``best_metric`` defaults to the task's main metric;
     ``distributed`` (under ``torchrun``): ``auto``/``ddp`` replicate the model, ``fsdp2`` shards it;
     ``optimizer: mezo`` trains with forward passes only (``mezo_eps``, ``mezo_samples``: engine/mezo.py);
-    ``compile`` runs each training step's loss through ``lt.compile`` (engine/compiling.py)."""
+    ``compile`` runs each training step's loss through ``lt.compile`` (engine/compiling.py);
+    ``lean`` keeps only each layer's input for backward and recomputes the rest (engine/lean.py),
+    ``lean_keep_attention`` also keeps attention's outputs (a little faster, a little more memory)."""
 
     max_steps: int = 0
     epochs: int = 1
@@ -147,6 +149,8 @@ class TrainingSection:
     mezo_eps: float = 1e-3
     mezo_samples: int = 1
     compile: bool = False
+    lean: bool = False
+    lean_keep_attention: bool = False
 
     def check(self) -> list[str]:
         problems = _choice(self.schedule, ("linear", "cosine", "constant"), "training.schedule")
@@ -162,6 +166,14 @@ class TrainingSection:
         if self.compile and (self.optimizer == "mezo" or self.distributed == "fsdp2"):
             problems.append("training.compile: runs backprop steps in one process or under DDP; turn it off with "
                             "optimizer: mezo (forward passes only) or distributed: fsdp2")
+        if self.lean and self.optimizer == "mezo":
+            problems.append("training.lean: keeps less for backward, and optimizer: mezo runs no backward "
+                            "(it already needs only inference memory); turn lean off")
+        if self.lean and self.distributed == "fsdp2":
+            problems.append("training.lean: not supported with distributed: fsdp2 yet (untested with sharded "
+                            "layers); use ddp or one process")
+        if self.lean_keep_attention and not self.lean:
+            problems.append("training.lean_keep_attention: only means something with lean: true")
         for key in ("epochs", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 problems.append(f"training.{key}: must be at least 1, got {getattr(self, key)}")

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..api import param_groups, schedules
 from ..engine.compiling import compile as compile_function
+from ..engine.lean import configure
 from ..engine.mezo import MeZO
 from .checkpoint import RunDir, read_trainer_state, rng_state, save_checkpoint, set_rng_state, write_adapter
 from .config import TrainingSection, higher_is_better
@@ -166,6 +167,8 @@ class Loop:
     def __init__(self, model: nn.Module, task: Task, train: Sequence[Example], evals: Sequence[Example] | None,
                  cfg: TrainingSection, run: RunDir, dist: Dist, callbacks: Sequence[Callback] = (),
                  progress: bool = True) -> None:
+        if cfg.lean:  # before wrapping, so that DDP runs the checkpointed layers
+            configure(model, lean=True, keep_attention=cfg.lean_keep_attention)
         self.model, self.wrapped, self.task = model, dist.wrap(model), task
         self.train_data, self.eval_data, self.cfg, self.run_dir, self.dist = train, evals, cfg, run, dist
         self.callbacks, self.progress = list(callbacks), progress
