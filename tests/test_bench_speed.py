@@ -12,7 +12,7 @@ from leantune.bench import speed
 
 
 def test_speed_bench_runs_forward_loss_mezo_lora_and_lst_modes(tmp_path, capsys):
-    modes = ["fwd_loss", "lt_mezo", "lt", "lt_lst", "lt_lean", "lt_lean_keep", "boom"]
+    modes = ["fwd_loss", "lt_mezo", "lt", "lt_lst", "lt_lean", "lt_lean_keep", "lt_lean1", "boom"]
     assert speed.main(["--size", "tiny", "--modes", ",".join(modes), "--steps", "2", "--warmup", "1",
                        "--batch", "2", "--seq", "32", "--out", str(tmp_path)]) == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
@@ -24,14 +24,15 @@ def test_speed_bench_runs_forward_loss_mezo_lora_and_lst_modes(tmp_path, capsys)
     assert by["boom"]["error"].startswith("ValueError: unknown mode 'boom'"), "one bad mode costs only its own row"
     for mode in modes[:-1]:
         r = by[mode]
-        assert r["name"] == speed.LABELS[mode] and r["step_s"] > 0 and r["tok_s"] > 0
+        assert r["name"] == speed.mode_name(mode) and r["step_s"] > 0 and r["tok_s"] > 0
         assert len(r["losses"]) == 3 and all(math.isfinite(x) for x in r["losses"])
     assert by["fwd_loss"]["n_train"] == 0
     assert by["lt_mezo"]["n_train"] == by["lt"]["n_train"] > 0
     # the same batches, model and initial adapter (B = 0): every mode's first loss is the base
     # model's; MeZO reports the mean of L(θ ± εz), which is O(ε²) away
     assert abs(by["lt"]["losses"][0] - by["fwd_loss"]["losses"][0]) < 1e-4
-    for lean in ("lt_lean", "lt_lean_keep"):
+    assert by["lt_lean1"]["name"] == "leantune LoRA, lean on the first layer only"
+    for lean in ("lt_lean", "lt_lean_keep", "lt_lean1"):
         assert by[lean]["losses"] == pytest.approx(by["lt"]["losses"], rel=1e-4), f"{lean}: the same function"
     assert abs(by["lt_mezo"]["losses"][0] - by["fwd_loss"]["losses"][0]) < 1e-2
     assert abs(by["lt_lst"]["losses"][0] - by["fwd_loss"]["losses"][0]) < 1e-4  # LST starts as the base
@@ -78,6 +79,16 @@ def test_cuda_graph_ratios_compare_against_the_faster_compiled_peft():
     assert best["theirs"] == "peft_compile_cg" and best["ratio"] == 1.25
     assert got[("lt_cg_vs_peft_best", "peak_gib")]["ratio"] == round(6.0 / 9.0, 3)
     assert got[("lt_vs_peft", "tok_s")]["theirs"] == "peft_compile" and got[("lt_vs_peft", "tok_s")]["ratio"] == 1.2
+
+
+def test_lean_on_the_first_layers_is_compared_with_peft_checkpointing_compiled_alike():
+    results = [dict(mode="peft_gc_compile", tok_s=40.0, peak_gib=6.0), dict(mode="peft_gc", tok_s=30.0, peak_gib=7.0),
+               dict(mode="lt_lean10_compile", tok_s=60.0, peak_gib=4.5), dict(mode="lt_lean3", tok_s=33.0, peak_gib=3.5)]
+    got = {(r["name"], r["metric"]): r for r in speed.ratios(results)}
+    assert got[("lean10_vs_peft_gc", "tok_s")] == dict(name="lean10_vs_peft_gc", ours="lt_lean10_compile",
+                                                       theirs="peft_gc_compile", metric="tok_s", ratio=1.5)
+    assert got[("lean10_vs_peft_gc", "peak_gib")]["ratio"] == 0.75
+    assert got[("lean3_vs_peft_gc", "tok_s")]["theirs"] == "peft_gc" and got[("lean3_vs_peft_gc", "tok_s")]["ratio"] == 1.1
 
 
 def test_timeline_splits_idle_time_into_host_launch_waits_and_other_gaps():

@@ -117,6 +117,9 @@ def test_training_lean_gives_the_same_losses_and_checkpoints_every_layer(tmp_pat
         assert lean == pytest.approx(plain, rel=1e-5), "lean mode trains the same function"
         wrapped = [block.__dict__.get("forward") for block in model.transformer.h]
         assert all(getattr(f, "leantune_keeps_attention", None) is keep_attention for f in wrapped), wrapped
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir(chat=True))
+    assert _sft_losses(tmp_path / "lean-first", model, lean=True, lean_layers=1) == pytest.approx(plain, rel=1e-5)
+    assert [hasattr(block.__dict__.get("forward"), "leantune_lean") for block in model.transformer.h] == [True, False]
 
 
 def test_training_compile_with_mezo_is_refused():
@@ -130,13 +133,15 @@ def test_training_compile_with_mezo_is_refused():
     (dict(lean=True, optimizer="mezo"), "training.lean", "mezo"),
     (dict(lean=True, distributed="fsdp2"), "training.lean", "fsdp2"),
     (dict(lean_keep_attention=True), "training.lean_keep_attention", "lean: true"),
+    (dict(lean_layers=1), "training.lean_layers", "lean: true"),
+    (dict(lean=True, lean_layers=0), "training.lean_layers", "at least 1"),
 ])
 def test_training_lean_settings_that_cannot_work_are_refused(settings, key, says):
     from leantune.train.config import TrainingSection
 
     problems = TrainingSection(**settings).check()
     assert [p for p in problems if p.startswith(key) and says in p], problems
-    assert not TrainingSection(lean=True, lean_keep_attention=True).check()
+    assert not TrainingSection(lean=True, lean_keep_attention=True, lean_layers=3).check()
 
 
 def test_lt_compile_of_a_module_stays_a_module_and_keeps_less():

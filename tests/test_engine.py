@@ -149,13 +149,30 @@ def test_lean_mode_keeps_loss_and_gradients_and_switches_off():
         configure(nn.Sequential(nn.Linear(2, 2)), lean=True)
 
 
-def _saved_under_compile(keep_attention: bool) -> tuple[list[torch.Size], int, int]:
+def test_lean_mode_on_the_first_layers_only_keeps_loss_and_gradients():
+    model = _adapted_llama().train()
+    loss, grads = _loss_and_grads(model)
+    first, second = model.model.layers
+    configure(model, lean=True, layers=1)
+    assert "forward" in first.__dict__ and "forward" not in second.__dict__
+    partial_loss, partial_grads = _loss_and_grads(model)
+    assert torch.allclose(partial_loss, loss)
+    for name, g in grads.items():
+        assert torch.allclose(partial_grads[name], g, rtol=1e-5, atol=1e-7), name
+    configure(model, lean=True)  # all layers again
+    assert "forward" in first.__dict__ and "forward" in second.__dict__
+    for bad in (dict(lean=True, layers=0), dict(lean=True, layers=3), dict(lean=False, layers=1)):
+        with pytest.raises(ValueError, match="between 1 and all 2 decoder layers"):
+            configure(model, **bad)
+
+
+def _saved_under_compile(keep_attention: bool, layers: int | None = None) -> tuple[list[torch.Size], int, int]:
     """(activation shapes the compiled lean forward saves, hidden size, MLP width)."""
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
     model = _adapted_llama().train()
-    configure(model, lean=True, keep_attention=keep_attention)
+    configure(model, lean=True, keep_attention=keep_attention, layers=layers)
     saved: list[torch.Size] = []
 
     def partition(joint, inputs, **kw):
@@ -184,6 +201,8 @@ def test_lean_mode_keeps_only_layer_inputs_under_compile_and_attention_outputs_o
         kept[keep_attention] = [s for s in activations if s.numel() == 21 * hidden]
         assert kept[keep_attention], "the layer inputs are kept"
     assert len(kept[True]) > len(kept[False]), kept
+    activations, _, wide = _saved_under_compile(False, layers=1)
+    assert [s for s in activations if s[-1] == wide], "the layer left out of lean mode keeps its MLP's activations"
 
 
 def test_fused_linear_traces_under_torch_compile_without_graph_breaks():

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -76,6 +77,8 @@ LABELS = {
     "lt_lst_narrow": "leantune LST, narrowed heads",
     "fwd_loss": "forward + chunked loss (MeZO memory bound)", "lt_mezo": "leantune LoRA, MeZO (2 forwards)",
 }
+# "lt_lean<n>": lean mode on the first n decoder layers only (selective checkpointing).
+LEAN_LAYERS = re.compile(r"lt_lean(\d+)")
 # MeZO's step size and perturbation (the paper's LoRA range; --lr is AdamW's).
 MEZO_LR, MEZO_EPS = 1e-4, 1e-2
 # Batch tokens come from a small sub-vocabulary, so the loss visibly falls within a few steps.
@@ -85,6 +88,14 @@ TOKEN_RANGE = 2048
 # Label suffix -> torch.compile mode; "_compile_cg" adds CUDA graphs (mode "reduce-overhead").
 COMPILE_SUFFIXES = {"_compile_cg": "reduce-overhead", "_compile": "default"}
 COMPILE_LABELS = {None: "", "default": ", compiled", "reduce-overhead": ", compiled + CUDA graphs"}
+
+
+def mode_name(mode: str) -> str:
+    """The chart's and the report's name for ``mode`` (a label without its compile suffix)."""
+    lean = LEAN_LAYERS.fullmatch(mode)
+    if not lean:
+        return LABELS[mode]
+    return "leantune LoRA, lean on the first " + ("layer only" if lean[1] == "1" else f"{lean[1]} layers")
 
 
 def split_label(label: str) -> tuple[str, str | None]:
@@ -169,8 +180,10 @@ def setup(mode: str, model: nn.Module) -> Setup:
     if mode.startswith("lt"):
         lt.adapt(model, lt.LoRA(r=RANK, alpha=ALPHA, targets=TARGETS))
         seed_lora_a([(path, d.A) for path, _, d in lt.api.adapter_paths(model, "default")])
-        if mode in ("lt_lean", "lt_lean_keep"):
-            configure(model, lean=True, keep_attention=mode == "lt_lean_keep")
+        lean_layers = LEAN_LAYERS.fullmatch(mode)
+        if mode in ("lt_lean", "lt_lean_keep") or lean_layers:
+            configure(model, lean=True, keep_attention=mode == "lt_lean_keep",
+                      layers=int(lean_layers[1]) if lean_layers else None)
         loss = partial(_hf_loss, model) if mode == "lt_hfloss" else partial(causal_lm_loss, model)
         params = [p for p in model.parameters() if p.requires_grad]
         if mode == "lt_mezo":
@@ -180,7 +193,8 @@ def setup(mode: str, model: nn.Module) -> Setup:
             # parameters are not counted: they are tiny and not matrix products).
             return Setup(loss, params, model, 4, optimizer="mezo")
         return Setup(loss, params, model, 4)
-    raise ValueError(f"unknown mode {mode!r}; known: {', '.join(LABELS)} (each also with _compile or _compile_cg)")
+    raise ValueError(f"unknown mode {mode!r}; known: {', '.join(LABELS)}, lt_lean<n> (lean on the first n layers); "
+                     "each also with _compile or _compile_cg")
 
 
 def batches(size: str, count: int, bs: int, seq: int, device: str) -> list[torch.Tensor]:
@@ -288,7 +302,7 @@ def run_mode(label: str, size: str, data: list[torch.Tensor], steps: int, warmup
     tokens = data[0].numel()
     n_base = sum(p.numel() for n, p in s.model.named_parameters() if "lora_" not in n and ".deltas." not in n)
     return dict(
-        mode=label, name=LABELS[mode] + COMPILE_LABELS[compile_mode], size=size,
+        mode=label, name=mode_name(mode) + COMPILE_LABELS[compile_mode], size=size,
         bs=data[0].shape[0], seq=data[0].shape[1], step_s=round(step_s, 4), tok_s=round(tokens / step_s),
         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
         peak_fwd_gib=(round(peak_fwd / 2**30, 2)
@@ -332,8 +346,13 @@ def ratios(results: list[dict]) -> list[dict]:
     compiled_peft = [by[m] for m in ("peft_compile", "peft_compile_cg") if m in by]
     if compiled_peft:
         by[PEFT_BEST] = max(compiled_peft, key=lambda r: r["tok_s"])
-    out = []
-    for name, ours, theirs, key in RATIOS:
+    out, extra = [], []
+    for r in results:  # lean on the first n layers against PEFT + ckpt, compiled alike
+        base, _ = split_label(r["mode"])
+        if lean := LEAN_LAYERS.fullmatch(base):
+            suffix = r["mode"].removeprefix(base)
+            extra.extend((f"lean{lean[1]}_vs_peft_gc", r["mode"], "peft_gc" + suffix, key) for key in ("tok_s", "peak_gib"))
+    for name, ours, theirs, key in [*RATIOS, *extra]:
         if ours in by and theirs in by and by[ours].get(key) and by[theirs].get(key):
             out.append(dict(name=name, ours=ours, theirs=by[theirs]["mode"], metric=key,
                             ratio=round(by[ours][key] / by[theirs][key], 3)))
@@ -344,7 +363,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The benchmark's options, shared by ``python -m leantune.bench.speed`` and ``leantune bench speed``."""
     ap.add_argument("--size", default="1b", choices=sorted(SIZES))
     ap.add_argument("--modes", default=",".join(DEFAULT_MODES),
-                    help="comma-separated; append _compile to compile, _compile_cg to add CUDA graphs")
+                    help="comma-separated; append _compile to compile, _compile_cg to add CUDA graphs; "
+                         "lt_lean<n>: lean mode on the first n decoder layers only")
     ap.add_argument("--steps", type=int, default=50, help="timed steps per mode (all on the loss curve)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)

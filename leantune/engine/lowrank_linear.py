@@ -90,7 +90,10 @@ class LowRankLinear(torch.autograd.Function):
 
 def _stacked(factors: Sequence[torch.Tensor], scales: Sequence[float],
              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A₁; A₂; …) and (s₁B₁ | s₂B₂ | …) in ``dtype``: every delta as one rank-Σr product."""
+    """(A₁; A₂; …) and (s₁B₁ | s₂B₂ | …) in ``dtype``: every delta as one rank-Σr product.
+    One delta, the common case, needs no concatenation: two kernels and copies fewer per merge."""
+    if len(scales) == 1:
+        return factors[0].to(dtype), factors[1].to(dtype) * scales[0]
     a = torch.cat([factors[2 * i].to(dtype) for i in range(len(scales))])
     b = torch.cat([factors[2 * i + 1].to(dtype) * s for i, s in enumerate(scales)], dim=1)
     return a, b

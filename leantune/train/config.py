@@ -123,7 +123,8 @@ class TrainingSection:
     ``optimizer: mezo`` trains with forward passes only (``mezo_eps``, ``mezo_samples``: engine/mezo.py);
     ``compile`` runs each training step's loss through ``lt.compile`` (engine/compiling.py);
     ``lean`` keeps only each layer's input for backward and recomputes the rest (engine/lean.py),
-    ``lean_keep_attention`` also keeps attention's outputs (a little faster, a little more memory)."""
+    ``lean_keep_attention`` also keeps attention's outputs (a little faster, a little more memory),
+    ``lean_layers`` makes only the first n decoder layers lean (faster, more memory; default all)."""
 
     max_steps: int = 0
     epochs: int = 1
@@ -151,6 +152,7 @@ class TrainingSection:
     compile: bool = False
     lean: bool = False
     lean_keep_attention: bool = False
+    lean_layers: int | None = None
 
     def check(self) -> list[str]:
         problems = _choice(self.schedule, ("linear", "cosine", "constant"), "training.schedule")
@@ -174,6 +176,9 @@ class TrainingSection:
                             "layers); use ddp or one process")
         if self.lean_keep_attention and not self.lean:
             problems.append("training.lean_keep_attention: only means something with lean: true")
+        if self.lean_layers is not None and (not self.lean or self.lean_layers < 1):
+            problems.append(f"training.lean_layers: how many decoder layers lean mode checkpoints; needs lean: true "
+                            f"and at least 1, got {self.lean_layers} (leave it out for all layers)")
         for key in ("epochs", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 problems.append(f"training.{key}: must be at least 1, got {getattr(self, key)}")

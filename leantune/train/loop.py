@@ -168,7 +168,7 @@ class Loop:
                  cfg: TrainingSection, run: RunDir, dist: Dist, callbacks: Sequence[Callback] = (),
                  progress: bool = True) -> None:
         if cfg.lean:  # before wrapping, so that DDP runs the checkpointed layers
-            configure(model, lean=True, keep_attention=cfg.lean_keep_attention)
+            configure(model, lean=True, keep_attention=cfg.lean_keep_attention, layers=cfg.lean_layers)
         self.model, self.wrapped, self.task = model, dist.wrap(model), task
         self.train_data, self.eval_data, self.cfg, self.run_dir, self.dist = train, evals, cfg, run, dist
         self.callbacks, self.progress = list(callbacks), progress
