@@ -37,9 +37,11 @@ def test_cuda_kernel_matches_fp32_merge(dtype, n, k, r, transposed):
 
 
 @CUDA
-def test_cuda_merge_is_chosen_when_tokens_outnumber_the_weight():
+def test_cuda_merge_is_chosen_under_compile_when_tokens_outnumber_the_weight(monkeypatch):
     w = torch.zeros(2048, 2048, device="cuda", dtype=torch.bfloat16)
     many, few = (torch.zeros(n, 2048, device="cuda", dtype=torch.bfloat16) for n in (4096, 512))
+    assert not merge_pays(many, w, 16)  # eager: the kernel's Python launch costs more than it saves
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert merge_pays(many, w, 16)
     assert not merge_pays(few, w, 16)
     assert not merge_pays(many.float(), w.float(), 16)  # fp32: no kernel
