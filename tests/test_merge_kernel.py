@@ -20,6 +20,17 @@ def test_cpu_path_is_weight_plus_product_and_merging_is_never_chosen_off_cuda():
     assert not merge_pays(torch.randn(10_000, 7), w, 3)  # no kernel on CPU: deltas stay on the activations
 
 
+def test_merging_is_chosen_only_under_compile_and_only_when_tokens_outnumber_the_weight(monkeypatch):
+    # The choice itself, on the CPU: pretend the kernel is there.
+    monkeypatch.setattr(merge_kernel, "available", lambda weight, rank: True)
+    w = torch.zeros(64, 64)
+    many, few = torch.zeros(256, 64), torch.zeros(16, 64)
+    assert not merge_pays(many, w, 4)  # eager: launched from Python, the kernel costs more than it saves
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert merge_pays(many, w, 4)  # 256 · 128 > 64 · 64
+    assert not merge_pays(few, w, 4)  # 16 · 128 < 64 · 64
+
+
 @CUDA
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("n", "k", "r"), [(2048, 2048, 16), (300, 700, 3), (129, 8192, 40), (512, 384, 64)])
