@@ -95,12 +95,16 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def write_json_atomically(path: Path, obj: dict[str, Any]) -> None:
     """A reader sees the old file or the new one, never half of one."""
+    write_text_atomically(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary name beside ``path``, then rename it over ``path``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; a summary is for everyone to read
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

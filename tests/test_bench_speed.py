@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from leantune.bench import speed
+from leantune.bench import speed, speed_table
 
 
 def test_speed_bench_runs_forward_loss_mezo_lora_and_lst_modes(tmp_path, capsys):
@@ -37,6 +37,8 @@ def test_speed_bench_runs_forward_loss_mezo_lora_and_lst_modes(tmp_path, capsys)
     assert abs(by["lt_mezo"]["losses"][0] - by["fwd_loss"]["losses"][0]) < 1e-2
     assert abs(by["lt_lst"]["losses"][0] - by["fwd_loss"]["losses"][0]) < 1e-4  # LST starts as the base
     assert (tmp_path / "speed_tiny.png").is_file()
+    table = (tmp_path / "speed_tiny.md").read_text()
+    assert all(f"| {speed.mode_name(m)} | {by[m]['tok_s']:,} |" in table for m in modes[:-1])
 
 
 def test_a_mode_whose_loss_turns_nan_is_flagged_and_left_out_of_ratios_and_chart(tmp_path, capsys, monkeypatch):
@@ -115,3 +117,35 @@ def test_timeline_splits_idle_time_into_host_launch_waits_and_other_gaps():
     assert got["lead_host_spans"][0] == dict(name="step", us=5)
     with pytest.raises(ValueError, match="no device events"):
         gap_summary({"traceEvents": [dict(ph="X", cat="cpu_op", name="x", ts=0, dur=1)]})
+
+
+def test_markdown_table_lists_every_mode_and_judges_each_ratio_against_the_issue_targets(tmp_path):
+    rows = [dict(mode="peft_compile", tok_s=50_000, peak_gib=10.0), dict(mode="lt_compile", tok_s=80_000, peak_gib=8.0),
+            dict(mode="peft_gc_compile", tok_s=40_000, peak_gib=6.0), dict(mode="lt_lean3_compile", tok_s=61_000, peak_gib=4.7)]
+    results = [dict(r, name=speed.mode_name(speed.split_label(r["mode"])[0]), tflops=1.0, first_step_s=9.0,
+                    losses=[2.0, 1.5]) for r in rows]
+    results.append(dict(mode="lt_lst_compile", size="1b", error="OOM"))
+    results.append(dict(results[1], mode="lt_compile_cg", error="loss not finite from step 1 on: not a result"))
+    report = dict(size="1b", device="GPU X", host_cpu="CPU Y, 16 cores", torch="2.x", steps=2, warmup=1,
+                  argv=["--size", "1b"], results=results, ratios=speed.ratios(results),
+                  loss_match=[speed.loss_match(results, "lt_compile", "peft_compile")])
+    table = speed_table.markdown(report)
+    assert "`python -m leantune.bench.speed --size 1b`" in table and "GPU X" in table
+    for r in rows:
+        assert f"{r['tok_s']:,}" in table
+    assert "| lt_lst_compile | failed: OOM |" in table
+    assert "(not a result: loss not finite" in table
+    lines = {tuple(c.strip() for c in line.split("|")[1:5]): line for line in table.splitlines() if "_vs_" in line}
+    assert lines[("lt_vs_peft", "lt_compile", "peft_compile", "tokens/s")].endswith("| 1.600 | >= 1.5 | met |")
+    assert lines[("lt_vs_peft", "lt_compile", "peft_compile", "peak memory")].endswith("| 0.800 | <= 0.75 | **missed** |")
+    # lean on the first n layers answers to lean mode's targets
+    assert lines[("lean3_vs_peft_gc", "lt_lean3_compile", "peft_gc_compile", "tokens/s")].endswith("| 1.525 | >= 1.5 | met |")
+    assert lines[("lean3_vs_peft_gc", "lt_lean3_compile", "peft_gc_compile", "peak memory")].endswith(
+        "| 0.783 | <= 0.8 | met |")
+    assert "| lt_compile | peft_compile | 2 | 0.00% | 0.00% |" in table
+    assert speed_table.verdict(1.0, None) == ""
+
+    path = tmp_path / "speed_1b.json"
+    path.write_text(json.dumps(report))
+    assert speed.main(["--plot", str(path)]) == 0
+    assert (tmp_path / "speed_1b.md").read_text() == table, "--plot rewrites the tables from the JSON alone"

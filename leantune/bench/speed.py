@@ -3,7 +3,8 @@
 Every mode trains the same Llama-architecture model (built from its config,
 random weights, bf16, SDPA) on the same batches with fused AdamW, so the
 ratios between modes hold on the machine they ran on. Each mode prints one
-JSON line; the whole run is written as JSON and drawn as a chart::
+JSON line; the whole run is written as JSON, as Markdown tables (every mode, the
+ratios against the issue's targets, the loss match) and drawn as a chart::
 
     python -m leantune.bench.speed --size 1b --modes peft_compile,lt_compile --out docs/bench
     python -m leantune.bench.speed --plot docs/bench/speed_1b.json
@@ -33,8 +34,10 @@ import torch
 from torch import nn
 
 import leantune as lt
-from leantune.demo import write_json_atomically
+from leantune.demo import write_json_atomically, write_text_atomically
 from leantune.engine import MeZO, causal_lm_loss, configure
+
+from .speed_table import markdown
 
 SIZES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -371,8 +374,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--distinct-batches", type=int, default=4, help="batches cycled through")
-    ap.add_argument("--out", default=None, help="folder for speed_<size>.json and .png")
-    ap.add_argument("--plot", default=None, help="only draw the chart of an existing JSON file")
+    ap.add_argument("--out", default=None, help="folder for speed_<size>.json, .md (tables) and .png (chart)")
+    ap.add_argument("--plot", default=None, help="only draw the chart and write the tables of an existing JSON file")
     ap.add_argument("--profile", action="store_true", help="write each mode's top GPU kernels to profile_<size>.txt")
 
 
@@ -400,15 +403,22 @@ def run(args: argparse.Namespace) -> int:
     from .plot import draw
 
     if args.plot:
-        print(draw(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png")))
+        path = Path(args.plot)
+        report = json.loads(path.read_text())
+        print(draw(report, path.with_suffix(".png")))
+        write_text_atomically(path.with_suffix(".md"), markdown(report))
+        print(f"table: {path.with_suffix('.md')}")
         return 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch._dynamo.config.recompile_limit = 64
     data = batches(args.size, args.distinct_batches, args.batch, args.seq, device)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
+    labels = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not labels:
+        raise SystemExit("--modes names no mode: give a comma-separated list, e.g. peft_compile,lt_compile")
     results = []
-    for label in [m.strip() for m in args.modes.split(",") if m.strip()]:
+    for label in labels:
         error = None
         try:
             res = run_mode(label, args.size, data, args.steps, args.warmup, args.lr, device,
@@ -434,7 +444,9 @@ def run(args: argparse.Namespace) -> int:
             write_json_atomically(Path(args.out) / f"speed_{args.size}.json", report)
     for m in [*report["ratios"], *report["loss_match"]]:
         print(json.dumps(m), flush=True)
+    print(markdown(report), flush=True)
     if args.out:
+        write_text_atomically(Path(args.out) / f"speed_{args.size}.md", markdown(report))
         print(draw(report, Path(args.out) / f"speed_{args.size}.png"))
     return 0
 

@@ -1,0 +1,70 @@
+"""A speed report as Markdown: every mode's numbers, the ratios against the issue's targets, the loss match.
+
+The JSON holds everything, but a closing note or a README quotes a table; building it from
+the report, not by hand, keeps the quoted numbers the measured ones and says plainly which
+target a run met and which it missed.
+"""
+
+from __future__ import annotations
+
+import re
+
+# The acceptance targets of the speed-and-memory issue, by ratio name and metric:
+# (">=" or "<=", bound). Lean on the first n layers answers to lean mode's targets.
+TARGETS: dict[tuple[str, str], tuple[str, float]] = {
+    ("lt_vs_peft", "tok_s"): (">=", 1.5), ("lt_vs_peft", "peak_gib"): ("<=", 0.75),
+    ("lean_vs_peft_gc", "tok_s"): (">=", 1.5), ("lean_vs_peft_gc", "peak_gib"): ("<=", 0.8),
+    ("lst_vs_peft", "tok_s"): (">=", 2.5), ("lst_vs_full", "peak_gib"): ("<=", 0.3),
+    ("mezo_vs_fwd_loss", "peak_gib"): ("<=", 1.1),
+}
+_LEAN_ON_LAYERS = re.compile(r"lean\d+_vs_peft_gc")
+_METRICS = {"tok_s": "tokens/s", "peak_gib": "peak memory"}
+
+
+def target(name: str, metric: str) -> tuple[str, float] | None:
+    """The issue's bound for ratio ``name`` on ``metric``, or ``None`` where it sets none."""
+    if _LEAN_ON_LAYERS.fullmatch(name):
+        name = "lean_vs_peft_gc"
+    return TARGETS.get((name, metric))
+
+
+def verdict(ratio: float, bound: tuple[str, float] | None) -> str:
+    """"met" or "missed" against ``bound``; empty where there is no target."""
+    if bound is None:
+        return ""
+    op, value = bound
+    return "met" if (ratio >= value if op == ">=" else ratio <= value) else "**missed**"
+
+
+def markdown(report: dict) -> str:
+    """The report of ``leantune.bench.speed`` as Markdown tables."""
+    lines = [
+        f"LoRA r=16 on a {report['size'].upper()} Llama, {report['device']}"
+        + (f" (host: {report['host_cpu']})" if report.get("host_cpu") else "") + f", torch {report['torch']}; "
+        f"{report['steps']} timed steps after {report['warmup']} warm-up steps, median step.",
+        "",
+        f"Command: `python -m leantune.bench.speed {' '.join(report.get('argv', []))}`",
+        "",
+        "| mode | tokens/s | peak GiB | TFLOP/s | first step s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        if "tok_s" not in r:
+            lines.append(f"| {r['mode']} | failed: {r.get('error', '?')} | | | |")
+            continue
+        name = r["name"] + (f" (not a result: {r['error']})" if "error" in r else "")
+        peak = "—" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
+        lines.append(f"| {name} | {r['tok_s']:,} | {peak} | {r['tflops']} | {r['first_step_s']} |")
+    if report.get("ratios"):
+        lines += ["", "| comparison | ours | against | metric | ratio | target | |", "|---|---|---|---|---:|---|---|"]
+        for q in report["ratios"]:
+            bound = target(q["name"], q["metric"])
+            shown = "" if bound is None else f"{bound[0]} {bound[1]}"
+            lines.append(f"| {q['name']} | {q['ours']} | {q['theirs']} | {_METRICS.get(q['metric'], q['metric'])} "
+                         f"| {q['ratio']:.3f} | {shown} | {verdict(q['ratio'], bound)} |")
+    if report.get("loss_match"):
+        lines += ["", "| loss of | against | steps | max relative difference | mean |", "|---|---|---:|---:|---:|"]
+        for m in report["loss_match"]:
+            lines.append(f"| {m['ours']} | {m['theirs']} | {m['steps']} | {m['max_rel_diff']:.2%} "
+                         f"| {m['mean_rel_diff']:.2%} |")
+    return "\n".join(lines) + "\n"
