@@ -149,3 +149,9 @@ def test_markdown_table_lists_every_mode_and_judges_each_ratio_against_the_issue
     path.write_text(json.dumps(report))
     assert speed.main(["--plot", str(path)]) == 0
     assert (tmp_path / "speed_1b.md").read_text() == table, "--plot rewrites the tables from the JSON alone"
+
+
+def test_an_empty_mode_list_stops_before_any_work_with_a_message(tmp_path):
+    with pytest.raises(SystemExit, match="--modes names no mode"):
+        speed.main(["--size", "tiny", "--modes", " , ", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists(), "nothing was created for a run that cannot start"

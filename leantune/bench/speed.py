@@ -409,14 +409,14 @@ def run(args: argparse.Namespace) -> int:
         write_text_atomically(path.with_suffix(".md"), markdown(report))
         print(f"table: {path.with_suffix('.md')}")
         return 0
+    labels = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not labels:
+        raise SystemExit("--modes names no mode: give a comma-separated list, e.g. peft_compile,lt_compile")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch._dynamo.config.recompile_limit = 64
     data = batches(args.size, args.distinct_batches, args.batch, args.seq, device)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-    labels = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not labels:
-        raise SystemExit("--modes names no mode: give a comma-separated list, e.g. peft_compile,lt_compile")
     results = []
     for label in labels:
         error = None
@@ -444,9 +444,10 @@ def run(args: argparse.Namespace) -> int:
             write_json_atomically(Path(args.out) / f"speed_{args.size}.json", report)
     for m in [*report["ratios"], *report["loss_match"]]:
         print(json.dumps(m), flush=True)
-    print(markdown(report), flush=True)
+    tables = markdown(report)
+    print(tables, flush=True)
     if args.out:
-        write_text_atomically(Path(args.out) / f"speed_{args.size}.md", markdown(report))
+        write_text_atomically(Path(args.out) / f"speed_{args.size}.md", tables)
         print(draw(report, Path(args.out) / f"speed_{args.size}.png"))
     return 0
 
