@@ -21,6 +21,7 @@ from leantune.engine import causal_lm_loss, chunked_causal_lm_loss, configure, l
 from .models import batch, tiny_llama
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FORMS = ["deltas-on-activations", "merged-weight", "merged-forward-only", "merged-backward-only"]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -31,7 +32,7 @@ def _leaf(*shape: int, dtype=torch.float64, device="cpu", grad: bool = True) -> 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("ranks", [(3,), (2, 4)], ids=["one-adapter", "two-adapters"])
 @pytest.mark.parametrize("trains", ["all", "factors-only", "B-only"])
-@pytest.mark.parametrize("merged", [False, True], ids=["deltas-on-activations", "merged-weight"])
+@pytest.mark.parametrize("merged", [False, True, (True, False), (False, True)], ids=FORMS)
 def test_fused_lowrank_linear_gradcheck(bias, ranks, trains, merged):
     torch.manual_seed(0)
     everything = trains == "all"
@@ -276,7 +277,7 @@ def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=CUDA)])
-@pytest.mark.parametrize("merged", [False, True], ids=["deltas-on-activations", "merged-weight"])
+@pytest.mark.parametrize("merged", [False, True, (True, False), (False, True)], ids=FORMS)
 def test_fused_linear_bf16_matches_fp32_reference(merged, dev):
     # fp32 factors of two adapters on bf16 activations: the factors' own dtype comes back
     torch.manual_seed(0)

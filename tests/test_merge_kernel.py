@@ -17,18 +17,21 @@ def test_cpu_path_is_weight_plus_product_and_merging_is_never_chosen_off_cuda():
     assert torch.allclose(merge_kernel.merged_weight(w, a, b), w + b @ a, atol=1e-6)
     assert torch.allclose(merge_kernel.merged_weight(w, a, b, transposed=True), (w + b @ a).T, atol=1e-6)
     assert merge_kernel.merged_weight(w, a, b, transposed=True).is_contiguous()
-    assert not merge_pays(torch.randn(10_000, 7), w, 3)  # no kernel on CPU: deltas stay on the activations
+    assert merge_pays(torch.randn(10_000, 7), w, 3) == (False, False)  # no kernel on CPU: deltas stay on the activations
 
 
-def test_merging_is_chosen_only_under_compile_and_only_when_tokens_outnumber_the_weight(monkeypatch):
+def test_merging_is_chosen_only_under_compile_and_per_direction_when_tokens_outnumber_that_side(monkeypatch):
     # The choice itself, on the CPU: pretend the kernel is there.
     monkeypatch.setattr(merge_kernel, "available", lambda weight, rank: True)
-    w = torch.zeros(64, 64)
+    square, wide_out, wide_in = torch.zeros(64, 64), torch.zeros(512, 64), torch.zeros(64, 512)
     many, few = torch.zeros(256, 64), torch.zeros(16, 64)
-    assert not merge_pays(many, w, 4)  # eager: launched from Python, the kernel costs more than it saves
+    assert merge_pays(many, square, 4) == (False, False)  # eager: launched from Python, the kernel costs more than it saves
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert merge_pays(many, w, 4)  # 256 · 128 > 64 · 64
-    assert not merge_pays(few, w, 4)  # 16 · 128 < 64 · 64
+    assert merge_pays(many, square, 4) == (True, True)  # 256 tokens > 64 either side
+    assert merge_pays(few, square, 4) == (False, False)  # 16 tokens < 64
+    # 256 tokens against 512 outputs: the backward's merge would move more than the input gradient
+    assert merge_pays(many, wide_out, 4) == (True, False)
+    assert merge_pays(torch.zeros(256, 512), wide_in, 4) == (False, True)  # and the forward's than the output
 
 
 @CUDA
@@ -51,9 +54,9 @@ def test_cuda_kernel_matches_fp32_merge(dtype, n, k, r, transposed):
 def test_cuda_merge_is_chosen_under_compile_when_tokens_outnumber_the_weight(monkeypatch):
     w = torch.zeros(2048, 2048, device="cuda", dtype=torch.bfloat16)
     many, few = (torch.zeros(n, 2048, device="cuda", dtype=torch.bfloat16) for n in (4096, 512))
-    assert not merge_pays(many, w, 16)  # eager: the kernel's Python launch costs more than it saves
+    assert merge_pays(many, w, 16) == (False, False)  # eager: the kernel's Python launch costs more than it saves
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert merge_pays(many, w, 16)
-    assert not merge_pays(few, w, 16)
-    assert not merge_pays(many.float(), w.float(), 16)  # fp32: no kernel
-    assert not merge_pays(many, w, merge_kernel.MAX_RANK + 1)  # the rank is one tile of the kernel
+    assert merge_pays(many, w, 16) == (True, True)
+    assert merge_pays(few, w, 16) == (False, False)
+    assert merge_pays(many.float(), w.float(), 16) == (False, False)  # fp32: no kernel
+    assert merge_pays(many, w, merge_kernel.MAX_RANK + 1) == (False, False)  # the rank is one tile of the kernel

@@ -3,18 +3,19 @@
 Autograd of the unfused form keeps one saved tensor per operator and runs a
 separate add for every delta; with a frozen ``W`` most of that is waste. This
 Function saves only what its backward reads (``x``, only when some factor or ``W``
-trains, and ``x Aᵀ`` on the unmerged path), and has two forms:
+trains, and ``x Aᵀ`` where the forward computed it), and has two forms, chosen for the
+forward and the backward apart (:func:`merge_pays`):
 
-- merged (compiled on CUDA, when :func:`merge_pays`): the base products run on ``W' = W + Σ s·B A``,
-  merged by one kernel (``merge_kernel.py``) for the forward and again for the
-  backward, never kept. No pass over the activations is added; the factors'
-  gradients take four thin products.
-- unmerged (CPU, eager, few tokens): the deltas are added onto the base product's output
-  in place (``addmm_``), and their input gradient onto the base's ``grad_y W`` the same way.
+- merged (compiled on CUDA): the base product runs on ``W' = W + Σ s·B A`` (forward) or
+  its transpose (backward), merged by one kernel (``merge_kernel.py``) and never kept. No
+  pass over the activations is added.
+- unmerged (CPU, eager, few tokens, the wide side of a weight): the deltas are added onto
+  the base product's output in place (``addmm_``), and their input gradient onto the
+  base's ``grad_y W`` the same way.
 
-Both are plain PyTorch around the kernel, so they trace under ``torch.compile``.
+The factors' gradients take four thin products either way. Both are plain PyTorch around the kernel, so they trace under ``torch.compile``.
 Measured on an H100 under ``torch.compile``, 1B Llama, 4 × 1024 tokens, one process: merged
-66,224 tok/s (1.303× HF PEFT compiled), unmerged 61,046 (1.201×), same peak memory
+both ways 66,224 tok/s (1.303× HF PEFT compiled), unmerged 61,046 (1.201×), same peak memory
 (docs/bench/device_log_issue6.md, session 5).
 """
 
@@ -30,34 +31,35 @@ from . import merge_kernel
 from .merge_kernel import merged_weight
 
 Factors = tuple[torch.Tensor, torch.Tensor, float]
+Forms = tuple[bool, bool]  # (merge in the forward, merge in the backward)
 
 
 class LowRankLinear(torch.autograd.Function):
-    """``forward(x, weight, bias, scales, merged, *factors)`` with ``factors = (A₁, B₁, A₂, B₂, …)``.
+    """``forward(x, weight, bias, scales, forms, *factors)`` with ``factors = (A₁, B₁, A₂, B₂, …)``.
 
     Factors may be kept in a higher precision than ``x``; they are cast to
     ``x``'s dtype for the arithmetic and their gradients are returned in their
     own dtype, as the unfused ``LowRank.post`` does. All deltas run as one of rank
     ``Σ r`` (``A`` stacked, ``s·B`` side by side), cast once in forward and kept for
     backward, so a site's factors take four thin products however many adapters are
-    active. With ``merged``, the base products run on ``W' = W + Σ s·B A`` (merged for
-    the call and dropped, not kept), which pays when the tokens outnumber the weight
-    (:func:`merge_pays`).
+    active. ``forms`` says, for the forward and for the backward, whether the base product
+    runs on ``W' = W + Σ s·B A`` (merged for the call and dropped, not kept), which pays
+    when the tokens outnumber that side of the weight (:func:`merge_pays`).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scales, merged, *factors):
+    def forward(ctx, x, weight, bias, scales, forms, *factors):
         a, sb = _stacked(factors, scales, x.dtype)
         flat = x.reshape(-1, x.shape[-1])
-        if merged:
+        if forms[0]:
             out, xa = F.linear(flat, merged_weight(weight, a, sb), bias), None
         else:
             out, xa = _on_activations(flat, weight, bias, a, sb)
         wants = ctx.needs_input_grad
         wants_a, wants_b = any(wants[5::2]), any(wants[6::2])
-        ctx.scales, ctx.merged, ctx.x_shape = scales, merged, x.shape
+        ctx.scales, ctx.merged_backward, ctx.x_shape = scales, forms[1], x.shape
         ctx.ranks, ctx.dtypes = [f.shape[0] for f in factors[::2]], [f.dtype for f in factors]
-        keep_x = wants[1] or wants_a or (merged and wants_b)
+        keep_x = wants[1] or wants_a or (xa is None and wants_b)
         ctx.save_for_backward(flat if keep_x else None, weight, a, sb, xa if wants_b else None)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
@@ -68,10 +70,10 @@ class LowRankLinear(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1])
         wants_a = any(wants[5::2])
         # the deltas' share of the gradient at x Aᵀ, scales included
-        g_xa = g @ sb if wants_a or (wants[0] and not ctx.merged) else None
+        g_xa = g @ sb if wants_a or (wants[0] and not ctx.merged_backward) else None
         grad_x = None
         if wants[0]:
-            if ctx.merged:
+            if ctx.merged_backward:
                 grad_x = g @ merged_weight(weight, a, sb, transposed=True).T
             else:
                 grad_x = (g @ weight).addmm_(g_xa, a)
@@ -103,18 +105,24 @@ def _stacked(factors: Sequence[torch.Tensor], scales: Sequence[float],
     return a, b
 
 
-def merge_pays(x: torch.Tensor, weight: torch.Tensor, rank: int) -> bool:
-    """Whether to merge the deltas (of total rank ``rank``) into the weight: under
-    torch.compile on CUDA, where the merge is one kernel, when that moves fewer bytes than
-    adding them to the activations. Merged: ``W`` read and ``W'`` written, forward and
-    backward (4·N·K elements). Unmerged: the output and the input gradient read and written
-    once more and copied once (the compiled in-place GEMM writes a copy of its input),
-    4·T·(N + K). Eager runs stay unmerged: launched from Python, the Triton kernel left the GPU
-    waiting on the host for most of the step (H100, 1B Llama, 4 × 1024 tokens, one process:
-    22,723 tok/s merged against 39,352 unmerged; device log, session 10)."""
+def merge_pays(x: torch.Tensor, weight: torch.Tensor, rank: int) -> Forms:
+    """Whether to merge the deltas (of total rank ``rank``) into the weight, in the forward
+    and in the backward: under torch.compile on CUDA, where the merge is one kernel, where
+    that moves fewer bytes than adding them to the activations. For ``T`` tokens and an
+    ``N × K`` weight, a merge reads ``W`` and writes ``W'``: 2·N·K elements. Unmerged, the
+    forward reads and writes the output once more, 2·T·N (the ``x Aᵀ`` it computes is kept
+    for ``B``'s gradient, which would otherwise compute it), and the backward the input
+    gradient, 2·T·K. So the forward merges when ``T > K`` and the backward when ``T > N``:
+    at 4 × 1024 tokens of a 1B Llama the MLP's wide sides stay unmerged (the down
+    projection's forward, the gate and up projections' backward). Eager runs stay unmerged:
+    launched from Python, the Triton kernel left the GPU waiting on the host for most of the
+    step (H100, 1B Llama, 4 × 1024 tokens, one process: 22,723 tok/s merged against 39,352
+    unmerged; device log, session 10)."""
+    if not (torch.compiler.is_compiling() and merge_kernel.available(weight, rank)):
+        return False, False
     rows = x.numel() // x.shape[-1]
     n, k = weight.shape
-    return torch.compiler.is_compiling() and merge_kernel.available(weight, rank) and rows * (n + k) > n * k
+    return rows > k, rows > n
 
 
 def _on_activations(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
@@ -126,11 +134,12 @@ def _on_activations(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   factors: Sequence[Factors], merged: bool | None = None) -> torch.Tensor:
+                   factors: Sequence[Factors], merged: bool | Forms | None = None) -> torch.Tensor:
     """``x Wᵀ + b + Σ scale · (x Aᵀ) Bᵀ`` through :class:`LowRankLinear`; with grad mode off
     (inference, MeZO's forward-only steps) as plain operations, since there is no backward
     to save for, and torch.compile breaks the graph at the Function there. ``merged``
-    chooses the merged-weight form; by default :func:`merge_pays` does."""
+    chooses the merged-weight form, both ways (a bool) or for the forward and the backward
+    apart (a pair); by default :func:`merge_pays` does."""
     flat = [t for a, b, _ in factors for t in (a, b)]
     scales = tuple(s for _, _, s in factors)
     if not torch.is_grad_enabled():
@@ -138,7 +147,8 @@ def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         return out.reshape(*x.shape[:-1], out.shape[-1])
     if merged is None:
         merged = merge_pays(x, weight, sum(a.shape[0] for a, _, _ in factors))
-    return LowRankLinear.apply(x, weight, bias, scales, merged, *flat)
+    forms = (merged, merged) if isinstance(merged, bool) else tuple(merged)
+    return LowRankLinear.apply(x, weight, bias, scales, forms, *flat)
 
 
 def fused_forward(base: nn.Module, deltas: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor | None:
