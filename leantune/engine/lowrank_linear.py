@@ -13,7 +13,8 @@ forward and the backward apart (:func:`merge_pays`):
   the base product's output in place (``addmm_``), and their input gradient onto the
   base's ``grad_y W`` the same way.
 
-The factors' gradients take four thin products either way. Both are plain PyTorch around the kernel, so they trace under ``torch.compile``.
+The factors' gradients take four thin products either way. Both forms are plain PyTorch
+around the kernel, so they trace under ``torch.compile``.
 Measured on an H100 under ``torch.compile``, 1B Llama, 4 × 1024 tokens, one process: merged
 both ways 66,224 tok/s (1.303× HF PEFT compiled), unmerged 61,046 (1.201×), same peak memory
 (docs/bench/device_log_issue6.md, session 5).
