@@ -57,8 +57,8 @@ def group_thin_products(graph: fx.Graph) -> int:
 def _thin_sides(node: fx.Node) -> list[tuple[fx.Node, int]]:
     """(the shared operand, its side: 0 left, 1 right) for each way ``node`` is a thin ``mm``:
     ``X @ Q`` with ``Q`` K × r is thin on the right, ``P @ X`` with ``P`` r × T on the left."""
-    if node.target is not aten.mm.default:
-        return []
+    if node.target is not aten.mm.default or not all("val" in a.meta for a in node.args):
+        return []  # a node another pass made without its value is left as it is
     left, right = node.args
     # a symbolic size is left alone: comparing it here would add a guard after tracing
     return [key for key, thin in (((left, 0), _shape(right)[1]), ((right, 1), _shape(left)[0]))
