@@ -155,23 +155,3 @@ def test_an_empty_mode_list_stops_before_any_work_with_a_message(tmp_path):
     with pytest.raises(SystemExit, match="--modes names no mode"):
         speed.main(["--size", "tiny", "--modes", " , ", "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists(), "nothing was created for a run that cannot start"
-
-
-def test_lt_ungrouped_compiles_without_the_thin_product_pass_and_lt_with_it(monkeypatch):
-    seen = {}
-
-    def recording_compile(fn, **kwargs):  # stands in for lt.compile: records, runs eager
-        seen[kwargs["group_thin_products"]] = kwargs["mode"]
-        return fn
-
-    monkeypatch.setattr(speed.lt, "compile", recording_compile)
-    data = speed.batches("tiny", 1, 1, 8, "cpu")
-    for label in ("lt_ungrouped_compile", "lt_compile"):
-        r = speed.run_mode(label, "tiny", data, 1, 0, 1e-3, "cpu")
-        assert r["name"] == speed.mode_name(speed.split_label(label)[0]) + ", compiled"
-    assert seen == {False: "default", True: "default"}
-    rows = [dict(mode="peft_compile", tok_s=50.0), dict(mode="lt_compile", tok_s=66.0),
-            dict(mode="lt_ungrouped_compile", tok_s=60.0)]
-    got = {(r["name"], r["ours"], r["theirs"]): r["ratio"] for r in speed.ratios(rows) if r["metric"] == "tok_s"}
-    assert got[("lt_vs_ungrouped", "lt_compile", "lt_ungrouped_compile")] == 1.1
-    assert got[("ungrouped_vs_peft", "lt_ungrouped_compile", "peft_compile")] == 1.2

@@ -69,16 +69,12 @@ RATIOS = [
     ("lst_int8_vs_full", "lt_lst_int8_compile", "full_compile", "peak_gib"),
     ("mezo_vs_fwd_loss", "lt_mezo_compile", "fwd_loss_compile", "peak_gib"),
     ("lt_eager_vs_peft_eager", "lt", "peft", "tok_s"),
-    # what lt.compile's thin-product pass buys, same process
-    ("lt_vs_ungrouped", "lt_compile", "lt_ungrouped_compile", "tok_s"),
-    ("ungrouped_vs_peft", "lt_ungrouped_compile", "peft_compile", "tok_s"),
 ]
 LABELS = {
     "full": "full fine-tuning", "peft": "HF PEFT LoRA", "peft_gc": "HF PEFT LoRA + grad. ckpt",
     "frozen": "frozen backbone (bound)", "fwd": "forward only", "lt": "leantune LoRA",
     "lt_lean": "leantune LoRA, lean", "lt_lean_keep": "leantune LoRA, lean, attention kept",
     "lt_hfloss": "leantune LoRA, HF loss",
-    "lt_ungrouped": "leantune LoRA, thin products not grouped",
     "lt_lst": "leantune LST (side network, width / 8)",
     "lt_lst_int8": "leantune LST, int8-kept ladder inputs",
     "lt_lst_narrow": "leantune LST, narrowed heads",
@@ -269,10 +265,7 @@ def run_mode(label: str, size: str, data: list[torch.Tensor], steps: int, warmup
     s = setup(mode, build(size, device))
     loss_fn = s.loss if s.loss is not None else s.model
     if compile_mode is not None:  # leantune's modes through lt.compile, the others as their users would
-        compiler = torch.compile
-        if mode.startswith("lt"):  # lt_ungrouped: without lt.compile's thin-product pass, to measure it
-            compiler = partial(lt.compile, group_thin_products=mode != "lt_ungrouped")
-        loss_fn = compiler(loss_fn, mode=compile_mode)
+        loss_fn = (lt.compile if mode.startswith("lt") else torch.compile)(loss_fn, mode=compile_mode)
     opt = torch.optim.AdamW(s.params, lr=lr, fused=device == "cuda") if s.params else None
     if s.optimizer == "mezo":
         opt = MeZO(s.params, lr=MEZO_LR, eps=MEZO_EPS, seed=0)
@@ -334,7 +327,7 @@ def rival_pairs(results: list[dict]) -> list[tuple[str, str]]:
         suffix = mode.removeprefix(base)
         if base.startswith("lt_lean"):
             pairs.append((mode, "peft_gc" + suffix))
-        elif base in ("lt", "lt_ungrouped"):
+        elif base == "lt":
             pairs.append((mode, "peft" + suffix))
     return pairs
 

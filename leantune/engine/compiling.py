@@ -11,9 +11,6 @@ what the frozen backbone keeps. Measured on an H100, LoRA r=16 on all projection
 peak memory 7.82 → 5.94 GiB (1B Llama) and 17.20 → 13.25 GiB (3B) at about the same
 speed (README, "Speed and memory"). The gradients are the same function: only what
 is stored changes.
-
-With inductor (the default backend) it also runs :mod:`.thin_products` on the compiled graphs:
-the thin products of deltas that read one input (q, k, v; gate, up) run as one product each.
 """
 
 from __future__ import annotations
@@ -24,17 +21,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch._functorch import config as partitioner_config
-from torch._inductor import list_mode_options
-
-from .thin_products import GroupThinProducts
 
 
-def compile(fn: Callable, *, recompute_cheap: bool = True, group_thin_products: bool = True,
-            **compile_kwargs) -> Callable:
+def compile(fn: Callable, *, recompute_cheap: bool = True, **compile_kwargs) -> Callable:
     """``torch.compile(fn, **compile_kwargs)``; with ``recompute_cheap`` (the default),
-    values that are cheap to rebuild in backward are rebuilt instead of kept; with
-    ``group_thin_products`` (the default, inductor only), thin products that read one tensor
-    run as one (:mod:`.thin_products`).
+    values that are cheap to rebuild in backward are rebuilt instead of kept.
 
     ``compile_kwargs`` go to ``torch.compile`` unchanged (``mode="reduce-overhead"``
     for CUDA graphs, ``backend=...``, ``dynamic=...``). The setting only applies while
@@ -42,8 +33,6 @@ def compile(fn: Callable, *, recompute_cheap: bool = True, group_thin_products: 
     module comes back as ``torch.compile`` returns it (parameters, ``state_dict`` and
     all), with the setting applied to its forward.
     """
-    if group_thin_products and compile_kwargs.get("backend", "inductor") == "inductor":
-        compile_kwargs = _with_thin_product_pass(compile_kwargs)
     compiled = torch.compile(fn, **compile_kwargs)
     if not recompute_cheap:
         return compiled
@@ -60,16 +49,3 @@ def _recomputing(compiled: Callable) -> Callable:
             return compiled(*args, **kwargs)
 
     return run
-
-
-def _with_thin_product_pass(compile_kwargs: dict) -> dict:
-    """``compile_kwargs`` with the pass among inductor's options. torch.compile takes a ``mode``
-    or ``options``, not both, so a mode becomes the options it stands for. The options reach
-    the backward's compilation too, which happens at the first backward, after the call that
-    traced it (a config patch around the call would miss it). A pass of the caller's own wins."""
-    kwargs = dict(compile_kwargs)
-    mode = kwargs.pop("mode", None)
-    options = {**(list_mode_options(mode, kwargs.get("dynamic")) if mode not in (None, "default") else {}),
-               **(kwargs.pop("options", None) or {})}
-    options.setdefault("post_grad_custom_post_pass", GroupThinProducts())
-    return {**kwargs, "options": options}
