@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
+
+
+def row_labels(rows: list[dict]) -> list[str]:
+    """Each row's mode name; a mode that ran more than once gets " (run k)" from its second run,
+    so that every run keeps a bar of its own (a categorical axis would stack repeats on one)."""
+    seen: Counter[str] = Counter()
+    labels = []
+    for r in rows:
+        seen[r["name"]] += 1
+        labels.append(r["name"] if seen[r["name"]] == 1 else f"{r['name']} (run {seen[r['name']]})")
+    return labels
 
 
 def draw(report: dict, path: Path) -> str:
@@ -15,22 +27,24 @@ def draw(report: dict, path: Path) -> str:
     except ImportError:
         return f"matplotlib is not installed: no chart; draw it later with --plot on the JSON ({path.stem})"
     rows = [r for r in report["results"] if "tok_s" in r and "error" not in r]
-    names = [r["name"] for r in rows]
+    names = row_labels(rows)
     colors = ["tab:green" if r["mode"].startswith("lt") else "tab:blue" if r["mode"].startswith("peft")
               else "tab:gray" for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(18, 0.45 * len(rows) + 2.5))
     for ax, key, title in ((axes[0], "tok_s", "tokens / s"), (axes[1], "peak_gib", "peak GiB")):
         values = [r[key] or 0 for r in rows]
-        ax.barh(names, values, color=colors)
+        ax.barh(range(len(rows)), values, color=colors)
+        ax.set_yticks(range(len(rows)), names)
         ax.invert_yaxis()
         ax.set_title(title)
         for y, v in enumerate(values):
             ax.text(v, y, f" {v:,}", va="center", fontsize=8)
     axes[0].xaxis.set_major_formatter(lambda v, _: f"{v / 1000:.0f}k")
     axes[1].set_yticklabels([])
-    curves = [r for r in rows if r["losses"] and r["mode"].startswith(("lt", "peft"))]
-    for r in curves:
-        axes[2].plot(r["losses"], label=r["name"], lw=1)
+    curves = [(r["losses"], name) for r, name in zip(rows, names, strict=True)
+              if r["losses"] and r["mode"].startswith(("lt", "peft"))]
+    for losses, name in curves:
+        axes[2].plot(losses, label=name, lw=1)
     axes[2].set_title("training loss, same batches and initial weights")
     axes[2].set_xlabel("step")
     if curves:
