@@ -166,13 +166,17 @@ def test_a_mode_run_twice_keeps_a_labelled_bar_per_run_in_the_chart(tmp_path, mo
 
     rows = [dict(mode=m, name=speed.mode_name(speed.split_label(m)[0]), tok_s=t, peak_gib=g, losses=[2.0, 1.0])
             for m, t, g in (("peft_compile", 50_000, 10.5), ("lt_compile", 69_028, 5.93), ("lt_compile", 68_777, 5.94))]
-    assert plot.row_labels(rows) == [rows[0]["name"], rows[1]["name"], f"{rows[1]['name']} (run 2)"]
+    labels = speed_table.row_labels(rows)
+    assert labels == [rows[0]["name"], rows[1]["name"], f"{rows[1]['name']} (run 2)"]
     figures = []
     monkeypatch.setattr(plt.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
     monkeypatch.setattr(plt, "close", lambda fig: None)
     plot.draw(dict(results=rows, size="1b", device="GPU X", torch="2.x"), tmp_path / "chart.png")
     speed_axis, memory_axis, loss_axis = figures[0].axes
-    assert [t.get_text() for t in speed_axis.get_yticklabels()] == plot.row_labels(rows)
+    assert [t.get_text() for t in speed_axis.get_yticklabels()] == labels
     assert [round(b.get_width()) for b in speed_axis.patches] == [50_000, 69_028, 68_777], "one bar per run"
     assert [b.get_width() for b in memory_axis.patches] == [10.5, 5.93, 5.94]
-    assert len(loss_axis.get_lines()) == 3
+    assert [line.get_label() for line in loss_axis.get_lines()] == labels
+    table = speed_table.markdown(dict(results=[dict(r, tflops=1.0, first_step_s=1.0) for r in rows], size="1b",
+                                      device="GPU X", torch="2.x", steps=2, warmup=1))
+    assert f"| {labels[2]} | 68,777 |" in table, "the table names the second run as the chart does"

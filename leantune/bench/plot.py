@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
-
-def row_labels(rows: list[dict]) -> list[str]:
-    """Each row's mode name; a mode that ran more than once gets " (run k)" from its second run,
-    so that every run keeps a bar of its own (a categorical axis would stack repeats on one)."""
-    seen: Counter[str] = Counter()
-    labels = []
-    for r in rows:
-        seen[r["name"]] += 1
-        labels.append(r["name"] if seen[r["name"]] == 1 else f"{r['name']} (run {seen[r['name']]})")
-    return labels
+from .speed_table import row_labels
 
 
 def draw(report: dict, path: Path) -> str:

@@ -8,6 +8,7 @@ target a run met and which it missed.
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 # The acceptance targets of the speed-and-memory issue, by ratio name and metric:
 # (">=" or "<=", bound). Lean on the first n layers answers to lean mode's targets.
@@ -36,6 +37,18 @@ def verdict(ratio: float, bound: tuple[str, float] | None) -> str:
     return "met" if (ratio >= value if op == ">=" else ratio <= value) else "**missed**"
 
 
+def row_labels(rows: list[dict]) -> list[str]:
+    """Each row's mode name; a mode that ran more than once gets " (run k)" from its second run,
+    so that every run keeps a row and a bar of its own (a chart's categorical axis would stack
+    repeats on one)."""
+    seen: Counter[str] = Counter()
+    labels = []
+    for r in rows:
+        seen[r["name"]] += 1
+        labels.append(r["name"] if seen[r["name"]] == 1 else f"{r['name']} (run {seen[r['name']]})")
+    return labels
+
+
 def markdown(report: dict) -> str:
     """The report of ``leantune.bench.speed`` as Markdown tables."""
     lines = [
@@ -48,11 +61,12 @@ def markdown(report: dict) -> str:
         "| mode | tokens/s | peak GiB | TFLOP/s | first step s |",
         "|---|---:|---:|---:|---:|",
     ]
+    labels = iter(row_labels([r for r in report["results"] if "tok_s" in r]))
     for r in report["results"]:
         if "tok_s" not in r:
             lines.append(f"| {r['mode']} | failed: {r.get('error', '?')} | | | |")
             continue
-        name = r["name"] + (f" (not a result: {r['error']})" if "error" in r else "")
+        name = next(labels) + (f" (not a result: {r['error']})" if "error" in r else "")
         peak = "—" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
         lines.append(f"| {name} | {r['tok_s']:,} | {peak} | {r['tflops']} | {r['first_step_s']} |")
     if report.get("ratios"):
