@@ -1,27 +1,27 @@
 """A/B: attention inputs made contiguous (B, H, S, D) before SDPA, for leantune's modes.
 
-Prepared in session 14, not yet run (no machine came). Each label is a bench mode run by
-``leantune.bench.speed.run_mode`` in one process; ``+contig`` swaps transformers' "sdpa"
-attention function for one that makes q, k and v contiguous first:
+Prepared in session 14, not yet run (no machine came). It is ``leantune bench speed`` (one
+process, the bench's tables, JSON and chart) with one addition: a label ending in ``+contig``
+runs its mode with transformers' "sdpa" attention function swapped for one that makes q, k
+and v contiguous first, and is named so in the report:
 
-    PYTHONPATH=. python docs/bench/session14/ab_attention_layout.py 1b \
-        lt_compile+contig,lt_compile,peft_compile,lt_lst_compile+contig,frozen_compile+contig /tmp/ab 20
+    PYTHONPATH=. python docs/bench/session14/ab_attention_layout.py --size 1b --steps 20 --out /tmp/ab \\
+        --modes lt_compile+contig,lt_compile,peft_compile,lt_lst_compile+contig,frozen_compile+contig
+
+The bench's rival ratios match labels exactly, so they leave the ``+contig`` rows out: compare
+those rows' tokens/s with the plain rows of the same process.
 """
-import json
-import sys
-from pathlib import Path
 
-import torch
+import sys
+
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import AttentionInterface
 
-from leantune.bench import speed as S
+from leantune.bench import speed
 
-torch._dynamo.config.recompile_limit = 64
-size, labels, out = sys.argv[1], sys.argv[2].split(","), Path(sys.argv[3])
-steps = int(sys.argv[4])
-data = S.batches(size, 4, 4, 1024, "cuda")
-orig = AttentionInterface._global_mapping["sdpa"]
+SUFFIX = "+contig"
+plain_sdpa = AttentionInterface._global_mapping["sdpa"]
+plain_run_mode = speed.run_mode
 
 
 def contiguous_sdpa(module, query, key, value, attention_mask, **kwargs):
@@ -29,17 +29,17 @@ def contiguous_sdpa(module, query, key, value, attention_mask, **kwargs):
                                   attention_mask, **kwargs)
 
 
-res = []
-for lab in labels:
-    base, *variants = lab.split("+")
-    AttentionInterface._global_mapping["sdpa"] = contiguous_sdpa if "contig" in variants else orig
+def run_mode(label: str, *args, **kwargs) -> dict:
+    contig = label.endswith(SUFFIX)
+    AttentionInterface._global_mapping["sdpa"] = contiguous_sdpa if contig else plain_sdpa
     try:
-        r = S.run_mode(base, size, data, steps, 3, 1e-3, "cuda")
-    except Exception as e:
-        r = dict(error=repr(e)[:500])
-    r["mode"] = lab
-    res.append(r)
-    print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
-    (out / f"ab_attn_{size}.json").write_text(json.dumps(res))
-    torch._dynamo.reset()
-    torch.cuda.empty_cache()
+        result = plain_run_mode(label.removesuffix(SUFFIX), *args, **kwargs)
+    finally:
+        AttentionInterface._global_mapping["sdpa"] = plain_sdpa
+    if contig:
+        result.update(mode=label, name=f"{result['name']}, q/k/v contiguous")
+    return result
+
+
+speed.run_mode = run_mode
+raise SystemExit(speed.main(sys.argv[1:]))
