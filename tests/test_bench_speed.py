@@ -180,3 +180,20 @@ def test_a_mode_run_twice_keeps_a_labelled_bar_per_run_in_the_chart(tmp_path, mo
     table = speed_table.markdown(dict(results=[dict(r, tflops=1.0, first_step_s=1.0) for r in rows], size="1b",
                                       device="GPU X", torch="2.x", steps=2, warmup=1))
     assert f"| {labels[2]} | 68,777 |" in table, "the table names the second run as the chart does"
+
+
+def test_at_lt_compiles_the_bound_or_peft_through_lt_compile(monkeypatch):
+    used = []
+    monkeypatch.setattr(speed.lt, "compile", lambda fn, **kw: used.append("lt.compile") or fn)
+    monkeypatch.setattr(speed.torch, "compile", lambda fn, **kw: used.append("torch.compile") or fn)
+    data = speed.batches("tiny", 1, 2, 16, "cpu")
+    results = [speed.run_mode(label, "tiny", data, 1, 0, 1e-3, "cpu")
+               for label in ("frozen_compile", "frozen_compile@lt", "lt_compile")]
+    assert used == ["torch.compile", "lt.compile", "lt.compile"]
+    assert [r["name"] for r in results] == ["frozen backbone (bound), compiled",
+                                            "frozen backbone (bound), compiled through lt.compile",
+                                            "leantune LoRA, compiled"]
+    assert results[1]["losses"] == results[0]["losses"], "the same model and batches"
+    assert [r["name"] for r in speed.ratios(results)] == ["lt_vs_bound", "lt_vs_bound_lt"]
+    with pytest.raises(ValueError, match="must be compiled"):
+        speed.run_mode("frozen@lt", "tiny", data, 1, 0, 1e-3, "cpu")

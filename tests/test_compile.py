@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 
 import pytest
@@ -167,3 +168,80 @@ def test_lt_compile_of_a_module_stays_a_module_and_keeps_less():
     ours, ours_kept, ours_loss = run(lt.compile)
     assert isinstance(ours, torch.nn.Module) and ours.state_dict().keys() == plain.state_dict().keys()
     assert ours_kept < plain_kept and ours_loss == pytest.approx(plain_loss, rel=1e-6)
+
+
+def _sdpa_masks(compiler, fn, *inputs: torch.Tensor) -> tuple[list[bool], torch.Tensor]:
+    """(whether each traced SDPA call got an explicit mask, the output) of ``compiler(fn)(*inputs)``."""
+    masked = []
+
+    def recording(gm: torch.fx.GraphModule, example_inputs):
+        masked.extend(node.kwargs.get("attn_mask") is not None for node in gm.graph.nodes
+                      if node.target is torch.nn.functional.scaled_dot_product_attention)
+        return gm.forward
+
+    torch._dynamo.reset()
+    return masked, compiler(fn, backend=recording)(*inputs)
+
+
+def _never_skips_when_traced(monkeypatch) -> None:
+    """Make the installed transformers decide like 5.17's: no ``is_causal`` while dynamo traces."""
+    from transformers import masking_utils
+
+    original = masking_utils._ignore_causal_mask_sdpa
+
+    @functools.wraps(original)
+    def old_style(*args, **kwargs):
+        return False if torch.compiler.is_compiling() else original(*args, **kwargs)
+
+    monkeypatch.setattr(masking_utils, "_ignore_causal_mask_sdpa", old_style)
+
+
+def test_lt_compile_runs_causal_attention_without_a_mask_where_torch_compile_builds_one(monkeypatch):
+    _never_skips_when_traced(monkeypatch)
+    from transformers import masking_utils
+
+    decider = masking_utils._ignore_causal_mask_sdpa
+    model = tiny_llama()
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        logits = lambda i: model(input_ids=i).logits  # noqa: E731
+        torch_masks, torch_logits = _sdpa_masks(torch.compile, logits, ids)
+        lt_masks, lt_logits = _sdpa_masks(lt.compile, logits, ids)
+        kept_masks, _ = _sdpa_masks(partial(lt.compile, skip_causal_mask=False), logits, ids)
+    assert torch_masks == kept_masks == [True, True], "the emulated transformers builds the mask when traced"
+    assert lt_masks == [False, False]
+    assert torch.allclose(lt_logits, eager, atol=1e-5) and torch.allclose(torch_logits, eager, atol=1e-5)
+    assert masking_utils._ignore_causal_mask_sdpa is decider, "the decision is restored after the call"
+
+
+def test_lt_compile_keeps_the_mask_of_padded_inputs(monkeypatch):
+    _never_skips_when_traced(monkeypatch)
+    model = tiny_llama()
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding: a mask SDPA must see
+    with torch.no_grad():
+        masked, got = _sdpa_masks(lt.compile, lambda i, m: model(input_ids=i, attention_mask=m).logits, ids, mask)
+        want = model(input_ids=ids, attention_mask=mask).logits
+    assert masked == [True, True]
+    assert torch.allclose(got[:, 5:], want[:, 5:], atol=1e-5)
+
+
+def test_lt_compile_does_not_recompile_from_one_call_to_the_next(monkeypatch):
+    _never_skips_when_traced(monkeypatch)
+    model = tiny_llama()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    step = lt.compile(lambda i: model(input_ids=i).logits, backend="eager")
+    for seed in range(3):
+        step(torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed)))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_lt_compile_runs_causal_attention_without_a_mask_with_the_installed_transformers():
+    model = tiny_llama()
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        masks, _ = _sdpa_masks(lt.compile, lambda i: model(input_ids=i).logits, ids)
+    assert masks == [False, False]

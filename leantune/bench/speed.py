@@ -69,6 +69,10 @@ RATIOS = [
     ("lst_int8_vs_full", "lt_lst_int8_compile", "full_compile", "peak_gib"),
     ("mezo_vs_fwd_loss", "lt_mezo_compile", "fwd_loss_compile", "peak_gib"),
     ("lt_eager_vs_peft_eager", "lt", "peft", "tok_s"),
+    # What lt.compile alone does for the others (label suffix "@lt"): the bound and PEFT through it.
+    ("lt_vs_bound_lt", "lt_compile", "frozen_compile@lt", "tok_s"),
+    ("peft_lt_vs_peft", "peft_compile@lt", "peft_compile", "tok_s"),
+    ("peft_lt_vs_peft", "peft_compile@lt", "peft_compile", "peak_gib"),
 ]
 LABELS = {
     "full": "full fine-tuning", "peft": "HF PEFT LoRA", "peft_gc": "HF PEFT LoRA + grad. ckpt",
@@ -91,6 +95,8 @@ TOKEN_RANGE = 2048
 # Label suffix -> torch.compile mode; "_compile_cg" adds CUDA graphs (mode "reduce-overhead").
 COMPILE_SUFFIXES = {"_compile_cg": "reduce-overhead", "_compile": "default"}
 COMPILE_LABELS = {None: "", "default": ", compiled", "reduce-overhead": ", compiled + CUDA graphs"}
+# Label suffix: compile a mode that is not leantune's (PEFT, the bound) through lt.compile.
+THROUGH_LT = "@lt"
 
 
 def mode_name(mode: str) -> str:
@@ -259,13 +265,17 @@ def _profile(label: str, step: Callable[[], None], path: Path) -> None:
 def run_mode(label: str, size: str, data: list[torch.Tensor], steps: int, warmup: int, lr: float,
              device: str, profile_to: Path | None = None) -> dict:
     """Train one mode for ``warmup + steps`` steps; time the median step after warm-up."""
-    mode, compile_mode = split_label(label)
+    through_lt = label.endswith(THROUGH_LT)
+    mode, compile_mode = split_label(label.removesuffix(THROUGH_LT))
+    if through_lt and compile_mode is None:
+        raise ValueError(f"{label!r}: {THROUGH_LT} names a compiler, so the mode must be compiled "
+                         f"(e.g. frozen_compile{THROUGH_LT})")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     s = setup(mode, build(size, device))
     loss_fn = s.loss if s.loss is not None else s.model
     if compile_mode is not None:  # leantune's modes through lt.compile, the others as their users would
-        loss_fn = (lt.compile if mode.startswith("lt") else torch.compile)(loss_fn, mode=compile_mode)
+        loss_fn = (lt.compile if mode.startswith("lt") or through_lt else torch.compile)(loss_fn, mode=compile_mode)
     opt = torch.optim.AdamW(s.params, lr=lr, fused=device == "cuda") if s.params else None
     if s.optimizer == "mezo":
         opt = MeZO(s.params, lr=MEZO_LR, eps=MEZO_EPS, seed=0)
@@ -305,7 +315,8 @@ def run_mode(label: str, size: str, data: list[torch.Tensor], steps: int, warmup
     tokens = data[0].numel()
     n_base = sum(p.numel() for n, p in s.model.named_parameters() if "lora_" not in n and ".deltas." not in n)
     return dict(
-        mode=label, name=mode_name(mode) + COMPILE_LABELS[compile_mode], size=size,
+        mode=label, name=mode_name(mode) + COMPILE_LABELS[compile_mode] + (" through lt.compile" if through_lt else ""),
+        size=size,
         bs=data[0].shape[0], seq=data[0].shape[1], step_s=round(step_s, 4), tok_s=round(tokens / step_s),
         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
         peak_fwd_gib=(round(peak_fwd / 2**30, 2)
@@ -366,7 +377,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The benchmark's options, shared by ``python -m leantune.bench.speed`` and ``leantune bench speed``."""
     ap.add_argument("--size", default="1b", choices=sorted(SIZES))
     ap.add_argument("--modes", default=",".join(DEFAULT_MODES),
-                    help="comma-separated; append _compile to compile, _compile_cg to add CUDA graphs; "
+                    help="comma-separated; append _compile to compile, _compile_cg to add CUDA graphs, "
+                         f"then {THROUGH_LT} to compile PEFT or the bound through lt.compile; "
                          "lt_lean<n>: lean mode on the first n decoder layers only")
     ap.add_argument("--steps", type=int, default=50, help="timed steps per mode (all on the loss curve)")
     ap.add_argument("--warmup", type=int, default=3)

@@ -11,10 +11,15 @@ what the frozen backbone keeps. Measured on an H100, LoRA r=16 on all projection
 peak memory 7.82 → 5.94 GiB (1B Llama) and 17.20 → 13.25 GiB (3B) at about the same
 speed (README, "Speed and memory"). The gradients are the same function: only what
 is stored changes.
+
+It also lets a transformers model run causal SDPA with ``is_causal`` rather than a
+materialised mask while traced (:mod:`.causal_mask`), which some transformers versions
+only do in eager mode.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 
@@ -22,30 +27,39 @@ import torch
 from torch import nn
 from torch._functorch import config as partitioner_config
 
+from .causal_mask import causal_mask_skipped
 
-def compile(fn: Callable, *, recompute_cheap: bool = True, **compile_kwargs) -> Callable:
+
+def compile(fn: Callable, *, recompute_cheap: bool = True, skip_causal_mask: bool = True,
+            **compile_kwargs) -> Callable:
     """``torch.compile(fn, **compile_kwargs)``; with ``recompute_cheap`` (the default),
-    values that are cheap to rebuild in backward are rebuilt instead of kept.
+    values that are cheap to rebuild in backward are rebuilt instead of kept; with
+    ``skip_causal_mask`` (the default), an unpadded causal transformers model runs SDPA
+    with ``is_causal`` instead of a full mask. Both are exact.
 
     ``compile_kwargs`` go to ``torch.compile`` unchanged (``mode="reduce-overhead"``
-    for CUDA graphs, ``backend=...``, ``dynamic=...``). The setting only applies while
-    ``fn`` is traced, so other compiled functions in the process are unaffected. A
+    for CUDA graphs, ``backend=...``, ``dynamic=...``). The settings only apply while
+    ``fn`` runs, so other compiled functions in the process are unaffected. A
     module comes back as ``torch.compile`` returns it (parameters, ``state_dict`` and
-    all), with the setting applied to its forward.
+    all), with the settings applied to its forward.
     """
     compiled = torch.compile(fn, **compile_kwargs)
-    if not recompute_cheap:
+    if not (recompute_cheap or skip_causal_mask):
         return compiled
     if isinstance(compiled, nn.Module):
-        compiled.forward = _recomputing(compiled.forward)
+        compiled.forward = _with_settings(compiled.forward, recompute_cheap, skip_causal_mask)
         return compiled
-    return _recomputing(compiled)
+    return _with_settings(compiled, recompute_cheap, skip_causal_mask)
 
 
-def _recomputing(compiled: Callable) -> Callable:
+def _with_settings(compiled: Callable, recompute_cheap: bool, skip_causal_mask: bool) -> Callable:
     @functools.wraps(compiled)
     def run(*args, **kwargs):
-        with partitioner_config.patch(ban_recompute_materialized_backward=False):
+        with contextlib.ExitStack() as settings:
+            if recompute_cheap:
+                settings.enter_context(partitioner_config.patch(ban_recompute_materialized_backward=False))
+            if skip_causal_mask:
+                settings.enter_context(causal_mask_skipped())
             return compiled(*args, **kwargs)
 
     return run
