@@ -45,7 +45,8 @@ def _step(compiler) -> tuple[int, float, list[torch.Tensor]]:
 @pytest.fixture(scope="module")
 def steps() -> dict[str, tuple[int, float, list[torch.Tensor]]]:
     return {"eager": _step(None), "torch": _step(torch.compile), "lt": _step(lt.compile),
-            "lt_plain": _step(partial(lt.compile, recompute_cheap=False))}
+            "lt_plain": _step(partial(lt.compile, recompute_cheap=False, skip_causal_mask=False)),
+            "lt_unmasked": _step(partial(lt.compile, recompute_cheap=False))}
 
 
 def test_lt_compile_keeps_less_for_backward_than_torch_compile(steps):
@@ -69,6 +70,12 @@ def test_lt_compile_leaves_the_global_partitioner_setting_alone(steps):
 def test_recompute_cheap_false_keeps_what_torch_compile_keeps(steps):
     assert steps["lt_plain"][0] == steps["torch"][0]
     assert steps["lt_plain"][1] == pytest.approx(steps["eager"][1], rel=1e-5)
+
+
+def test_skipping_the_causal_mask_keeps_less_for_backward(steps):
+    mask = BATCH * SEQ * SEQ  # the (batch, 1, S, S) mask, which SDPA's backward reads again
+    assert steps["torch"][0] - steps["lt_unmasked"][0] >= mask
+    assert steps["lt_unmasked"][1] == pytest.approx(steps["eager"][1], rel=1e-5)
 
 
 def _sft_losses(out, model: torch.nn.Module | None = None, **training) -> list[float]:
@@ -245,3 +252,31 @@ def test_lt_compile_runs_causal_attention_without_a_mask_with_the_installed_tran
     with torch.no_grad():
         masks, _ = _sdpa_masks(lt.compile, lambda i: model(input_ids=i).logits, ids)
     assert masks == [False, False]
+
+
+def test_lt_compile_of_the_chunked_loss_runs_causal_attention_without_a_mask():
+    # causal_lm_loss runs the decoder without a cache; traced, transformers cannot rule out
+    # packed rows from the positions and builds the mask, unless told the positions are its own.
+    model = tiny_llama()
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        masks, loss = _sdpa_masks(lt.compile, partial(causal_lm_loss, model), ids, ids)
+        torch_masks, _ = _sdpa_masks(torch.compile, partial(causal_lm_loss, model), ids, ids)
+        eager = causal_lm_loss(model, ids, ids)
+    assert masks == [False, False] and torch_masks == [True, True]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2, "one graph each, no break"
+    assert loss.item() == pytest.approx(eager.item(), rel=1e-5)
+
+
+def test_lt_compile_keeps_the_mask_of_packed_rows():
+    model = tiny_llama()
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    half = SEQ // 2
+    positions = torch.cat([torch.arange(half), torch.arange(SEQ - half)]).expand(BATCH, -1)  # two sequences a row
+    with torch.no_grad():
+        masks, loss = _sdpa_masks(lt.compile, partial(causal_lm_loss, model, position_ids=positions), ids, ids)
+        eager = causal_lm_loss(model, ids, ids, position_ids=positions)
+        unpacked = causal_lm_loss(model, ids, ids)
+    assert masks == [True, True]
+    assert loss.item() == pytest.approx(eager.item(), rel=1e-5) and eager.item() != pytest.approx(unpacked.item())

@@ -1,17 +1,21 @@
 """Causal attention without a materialised mask while ``lt.compile`` traces a transformers model.
 
-transformers hands SDPA ``is_causal=True`` and no mask when nothing is padded and the
-queries cover all keys, so that the fast kernels (cuDNN, flash) skip the masked half of
-the scores. Under ``torch.compile`` some versions (5.17, the device image's, among them)
-never take that path: their test "is the padding mask all ones?" is written for eager
-tensors and answers "cannot tell" whenever dynamo traces, even when there is no padding
-mask at all. They then build the full (S × S) causal mask, and SDPA computes every score
-and masks half of them: measured on an H100 (1B Llama, 4 × 1024 tokens) cuDNN's attention
-took ~150 µs forward in the model against 60 µs with ``is_causal`` (README, "Attention").
+transformers hands SDPA ``is_causal=True`` and no mask when nothing is padded, the queries
+cover all keys and each row holds one sequence, so that the fast kernels (cuDNN, flash)
+skip the masked half of the scores. Under ``torch.compile`` it often cannot tell, because
+its tests read tensor values, which a trace does not have:
 
-With no padding mask and as many queries as keys the decision needs no data, so while
-:func:`causal_mask_skipped` is active it is made the eager way. Exact: ``is_causal`` is the
-same lower-triangular mask. Any other case goes to transformers' own test unchanged.
+- "is the padding mask all ones?": some versions (5.17, the device image's, among them)
+  answer "cannot tell" whenever dynamo traces, even with no padding mask at all;
+- "are several sequences packed into a row?": read from ``position_ids``, which the
+  decoder makes itself when given none; every version answers "cannot tell" when traced
+  without a cache, which is how :func:`~leantune.engine.causal_lm_loss` runs the decoder.
+
+Either answer builds the full (S × S) mask, and SDPA then computes every score and masks
+half of them. Here both questions are answered from static facts where those suffice: no
+padding mask and as many queries as keys; positions the decoder numbered itself (set by
+``causal_lm_loss`` for its call, :data:`DEFAULT_POSITIONS`). Exact: ``is_causal`` is the
+same lower-triangular mask. Every other case goes to transformers' own test unchanged.
 """
 
 from __future__ import annotations
@@ -22,33 +26,44 @@ import inspect
 import sys
 from collections.abc import Callable, Iterator
 
-_DECIDER = "_ignore_causal_mask_sdpa"
+
+class _Flag:
+    """A switch that dynamo reads while tracing (a plain object's attribute: a traced
+    assignment is replayed after the graph, and later reads in the trace see it)."""
+
+    def __init__(self) -> None:
+        self.on = False
+
+
+DEFAULT_POSITIONS = _Flag()
+"""On while ``causal_lm_loss`` runs a decoder without ``position_ids``: each row is then one
+sequence numbered 0, 1, ... by the decoder itself, so no packing needs detecting."""
 
 
 @contextlib.contextmanager
 def causal_mask_skipped() -> Iterator[None]:
     """While active, transformers' SDPA mask builder returns no mask (so SDPA runs with
-    ``is_causal``) for unpadded inputs whose queries cover all keys, traced or not.
+    ``is_causal``) wherever static facts show the mask is plain causal, traced or not.
 
-    A no-op where transformers' masking module is not loaded (not an HF model) or has no
-    such decision (other versions).
+    A no-op where transformers' masking module is not loaded (not an HF model) or lacks
+    these tests (other versions).
     """
     module = sys.modules.get("transformers.masking_utils")
-    original = getattr(module, _DECIDER, None)
-    if original is None:
-        yield
-        return
-    setattr(module, _DECIDER, _static_decider(original))
+    originals = {name: getattr(module, name, None) for name in _STATIC_FIRST}
+    patched = {name: _STATIC_FIRST[name](f) for name, f in originals.items() if f is not None}
+    for name, f in patched.items():
+        setattr(module, name, f)
     try:
         yield
     finally:
-        setattr(module, _DECIDER, original)
+        for name in patched:
+            setattr(module, name, originals[name])
 
 
 @functools.cache
-def _static_decider(original: Callable[..., bool]) -> Callable[..., bool]:
-    """``original`` answering "skip the mask" from static facts first. Cached: one wrapper per
-    original, so that dynamo's guard on the module global holds from one call to the next."""
+def _unpadded_full_length_first(original: Callable[..., bool]) -> Callable[..., bool]:
+    """``_ignore_causal_mask_sdpa`` answering "skip" from static facts first. Cached: one
+    wrapper per original, so that dynamo's guard on the module global holds from call to call."""
     names = list(inspect.signature(original).parameters)
 
     @functools.wraps(original)
@@ -63,3 +78,17 @@ def _static_decider(original: Callable[..., bool]) -> Callable[..., bool]:
 
     return decide
 
+
+@functools.cache
+def _default_positions_first(original: Callable[..., object]) -> Callable[..., object]:
+    """``find_packed_sequence_indices`` answering "not packed" for the decoder's own positions."""
+
+    @functools.wraps(original)
+    def find(*args, **kwargs):
+        return None if DEFAULT_POSITIONS.on else original(*args, **kwargs)
+
+    return find
+
+
+_STATIC_FIRST = {"_ignore_causal_mask_sdpa": _unpadded_full_length_first,
+                 "find_packed_sequence_indices": _default_positions_first}

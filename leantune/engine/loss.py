@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ce_kernel
+from .causal_mask import DEFAULT_POSITIONS
 
 IGNORE_INDEX = -100
 # Logit values per block (2^26: 0.25 GiB in fp32); rows per block = this // vocabulary size.
@@ -101,5 +102,10 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     if head is None:
         return model(input_ids=input_ids, labels=labels, **inputs).loss
     inputs.setdefault("use_cache", False)  # a training step needs no cache (and lean mode forbids writing one)
-    hidden = model.get_decoder()(input_ids=input_ids, **inputs)[0]
+    own_positions = inputs.get("position_ids") is None
+    DEFAULT_POSITIONS.on = own_positions  # lets lt.compile skip the mask (engine/causal_mask.py)
+    try:
+        hidden = model.get_decoder()(input_ids=input_ids, **inputs)[0]
+    finally:
+        DEFAULT_POSITIONS.on = False
     return chunked_causal_lm_loss(hidden, head.weight, labels, chunk)
