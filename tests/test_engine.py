@@ -278,13 +278,15 @@ def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("merged", [False, True, (True, False), (False, True)], ids=FORMS)
-def test_fused_linear_bf16_matches_fp32_reference(merged, dev):
-    # fp32 factors of two adapters on bf16 activations: the factors' own dtype comes back
+@pytest.mark.parametrize("adapters", [1, 2])
+def test_fused_linear_bf16_matches_fp32_reference(merged, dev, adapters):
+    # fp32 factors on bf16 activations (one adapter: cast by the merge kernel as it reads them;
+    # two: stacked in bf16 first); the factors' own dtype comes back
     torch.manual_seed(0)
     x = torch.randn(4, 512, 1024, device=dev)
     w, bias = torch.randn(768, 1024, device=dev) / 32, torch.randn(768, device=dev)
     factors = [(torch.randn(16, 1024, device=dev) / 32, torch.randn(768, 16, device=dev) / 4, 2.0),
-               (torch.randn(8, 1024, device=dev) / 32, torch.randn(768, 8, device=dev) / 4, 0.5)]
+               (torch.randn(8, 1024, device=dev) / 32, torch.randn(768, 8, device=dev) / 4, 0.5)][:adapters]
     grad_y = torch.randn(4, 512, 768, device=dev)
 
     def run(dtype, fused):
@@ -300,7 +302,7 @@ def test_fused_linear_bf16_matches_fp32_reference(merged, dev):
         return [y, xx.grad, *(t.grad for a, b, _ in fs for t in (a, b))]
 
     got_all, ref_all = run(torch.bfloat16, True), run(torch.float32, False)
-    assert [t.dtype for t in got_all] == [torch.bfloat16] * 2 + [torch.float32] * 4
+    assert [t.dtype for t in got_all] == [torch.bfloat16] * 2 + [torch.float32] * 2 * adapters
     for got, ref in zip(got_all, ref_all, strict=True):
         assert torch.isfinite(got).all() and _rel_err(got, ref) < 1e-2
 

@@ -8,8 +8,9 @@ import random
 import pytest
 import torch
 from torch import nn
-from transformers import AutoTokenizer, GPT2LMHeadModel
+from transformers import AutoTokenizer, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from leantune.engine import causal_lm_loss
 from leantune.train.config import ConfigError, TaskSection
 from leantune.train.logs import read_metrics
 from leantune.train.runner import train
@@ -93,6 +94,37 @@ def test_packed_rows_give_each_example_the_loss_it_has_alone():
         total = task.loss(model, packed) * (packed["labels"][:, 1:] != IGNORE).sum()
         each = sum(task.loss(model, b) * (b["labels"][:, 1:] != IGNORE).sum() for b in alone)
     torch.testing.assert_close(total, each, rtol=1e-5, atol=1e-5)
+
+
+def test_sft_loss_runs_causal_attention_without_the_padding_mask_and_loses_nothing(monkeypatch):
+    # Right padding, labelled -100, sits after every real token: a causal model's real tokens never
+    # attend to it, so the loss and its gradients are those of the masked run, and SDPA gets no mask.
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir())
+    task = causal(tok, max_length=64)
+    rows = [{"prompt": "good" + " very" * n, "response": "yes" + " indeed" * (3 - n)} for n in (0, 2, 5)]
+    batch = task.collate([task.encode(r) for r in rows])
+    assert (batch["attention_mask"] == 0).any(), "the rows differ in length, so the batch is padded"
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        masks.append(kwargs.get("attn_mask") is not None)
+        return sdpa(*args, **kwargs)
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa"))
+    for model in (GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir(), attn_implementation="sdpa"), llama):
+        masked = causal_lm_loss(model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"])
+        want = torch.autograd.grad(masked, [p for p in model.parameters() if p.requires_grad])
+        masks.clear()
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+        loss = task.loss(model, batch)
+        monkeypatch.undo()
+        got = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+        assert masks and not any(masks), type(model).__name__
+        torch.testing.assert_close(loss, masked, rtol=1e-5, atol=1e-6)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
 def test_packing_is_refused_for_a_model_that_attends_across_examples():

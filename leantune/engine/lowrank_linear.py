@@ -6,9 +6,10 @@ Function saves only what its backward reads (``x``, only when some factor or ``W
 trains, and ``x Aᵀ`` where the forward computed it), and has two forms, chosen for the
 forward and the backward apart (:func:`merge_pays`):
 
-- merged (compiled on CUDA): the base product runs on ``W' = W + Σ s·B A`` (forward) or
-  its transpose (backward), merged by one kernel (``merge_kernel.py``) and never kept. No
-  pass over the activations is added.
+- merged (compiled on CUDA, enough tokens): the base product runs on ``W' = W + Σ s·B A``
+  (forward) or its transpose (backward), merged by one kernel (``merge_kernel.py``) that
+  reads the factors in their own dtype, and never kept. No pass over the activations is
+  added.
 - unmerged (CPU, eager, few tokens, the wide side of a weight): the deltas are added onto
   the base product's output in place (``addmm_``), and their input gradient onto the
   base's ``grad_y W`` the same way.
@@ -41,48 +42,48 @@ class LowRankLinear(torch.autograd.Function):
     Factors may be kept in a higher precision than ``x``; they are cast to
     ``x``'s dtype for the arithmetic and their gradients are returned in their
     own dtype, as the unfused ``LowRank.post`` does. All deltas run as one of rank
-    ``Σ r`` (``A`` stacked, ``s·B`` side by side), cast once in forward and kept for
-    backward, so a site's factors take four thin products however many adapters are
-    active. ``forms`` says, for the forward and for the backward, whether the base product
-    runs on ``W' = W + Σ s·B A`` (merged for the call and dropped, not kept), which pays
-    when the tokens outnumber that side of the weight (:func:`merge_pays`).
+    ``Σ r`` (:func:`_operands`), so a site's factors take the same thin products however
+    many adapters are active. ``forms`` says, for the forward and for the backward, whether
+    the base product runs on ``W' = W + Σ s·B A`` (merged for the call and dropped, not
+    kept), which pays when it moves fewer bytes than the unmerged form (:func:`merge_pays`).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, scales, forms, *factors):
-        a, sb = _stacked(factors, scales, x.dtype)
+        a, b, scale = _operands(factors, scales, x.dtype)
         flat = x.reshape(-1, x.shape[-1])
         if forms[0]:
-            out, xa = F.linear(flat, merged_weight(weight, a, sb), bias), None
+            out, xa = F.linear(flat, merged_weight(weight, a, b, scale), bias), None
         else:
-            out, xa = _on_activations(flat, weight, bias, a, sb)
+            out, xa = _on_activations(flat, weight, bias, *_cast(a, b, scale, x.dtype))
         wants = ctx.needs_input_grad
         wants_a, wants_b = any(wants[5::2]), any(wants[6::2])
-        ctx.scales, ctx.merged_backward, ctx.x_shape = scales, forms[1], x.shape
+        ctx.scales, ctx.scale, ctx.merged_backward, ctx.x_shape = scales, scale, forms[1], x.shape
         ctx.ranks, ctx.dtypes = [f.shape[0] for f in factors[::2]], [f.dtype for f in factors]
         keep_x = wants[1] or wants_a or (xa is None and wants_b)
-        ctx.save_for_backward(flat if keep_x else None, weight, a, sb, xa if wants_b else None)
+        ctx.save_for_backward(flat if keep_x else None, weight, a, b, xa if wants_b else None)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        flat, weight, a, sb, xa = ctx.saved_tensors
+        flat, weight, a, b, xa = ctx.saved_tensors
         wants = ctx.needs_input_grad
         g = grad_out.reshape(-1, grad_out.shape[-1])
         wants_a = any(wants[5::2])
+        ca, csb = _cast(a, b, ctx.scale, g.dtype)
         # the deltas' share of the gradient at x Aᵀ, scales included
-        g_xa = g @ sb if wants_a or (wants[0] and not ctx.merged_backward) else None
+        g_xa = g @ csb if wants_a or (wants[0] and not ctx.merged_backward) else None
         grad_x = None
         if wants[0]:
             if ctx.merged_backward:
-                grad_x = g @ merged_weight(weight, a, sb, transposed=True).T
+                grad_x = g @ merged_weight(weight, a, b, ctx.scale, transposed=True).T
             else:
-                grad_x = (g @ weight).addmm_(g_xa, a)
+                grad_x = (g @ weight).addmm_(g_xa, ca)
             grad_x = grad_x.reshape(ctx.x_shape)
         grad_a = g_xa.T @ flat if wants_a else None
         grad_b = None
         if any(wants[6::2]):
-            grad_b = g.T @ (flat @ a.T if xa is None else xa)
+            grad_b = g.T @ (flat @ ca.T if xa is None else xa)
         grads: list[torch.Tensor | None] = []
         row = 0
         for i, (s, rank) in enumerate(zip(ctx.scales, ctx.ranks, strict=True)):
@@ -95,15 +96,23 @@ class LowRankLinear(torch.autograd.Function):
         return (grad_x, grad_w, grad_bias, None, None, *grads)
 
 
-def _stacked(factors: Sequence[torch.Tensor], scales: Sequence[float],
-             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A₁; A₂; …) and (s₁B₁ | s₂B₂ | …) in ``dtype``: every delta as one rank-Σr product.
-    One delta, the common case, needs no concatenation: two kernels and copies fewer per merge."""
+def _operands(factors: Sequence[torch.Tensor], scales: Sequence[float],
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(a, b, scale)`` with every delta as one of rank ``Σ r``: ``Σ sᵢ·Bᵢ Aᵢ = scale · b a``.
+    One delta, the common case, stays as it is, in its own dtype: the merge kernel casts it as
+    it reads it, so the merged forms run no cast kernel and no concatenation. Several are
+    stacked in ``dtype``, ``(A₁; A₂; …)`` and ``(s₁B₁ | s₂B₂ | …)``, with scale 1."""
     if len(scales) == 1:
-        return factors[0].to(dtype), factors[1].to(dtype) * scales[0]
+        return factors[0], factors[1], scales[0]
     a = torch.cat([factors[2 * i].to(dtype) for i in range(len(scales))])
     b = torch.cat([factors[2 * i + 1].to(dtype) * s for i, s in enumerate(scales)], dim=1)
-    return a, b
+    return a, b, 1.0
+
+
+def _cast(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, scale · b)`` in ``dtype``, for the unmerged form's products."""
+    b = b.to(dtype)
+    return a.to(dtype), (b * scale if scale != 1.0 else b)
 
 
 def merge_pays(x: torch.Tensor, weight: torch.Tensor, rank: int) -> Forms:
@@ -129,7 +138,7 @@ def merge_pays(x: torch.Tensor, weight: torch.Tensor, rank: int) -> Forms:
 def _on_activations(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                     sb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(``flat Wᵀ + b + (flat Aᵀ) (sB)ᵀ``, ``flat Aᵀ``): the deltas added onto the base
-    product's output in place, for stacked factors (:func:`_stacked`)."""
+    product's output in place, for factors in ``flat``'s dtype (:func:`_cast`)."""
     xa = flat @ a.T
     return F.linear(flat, weight, bias).addmm_(xa, sb.T), xa
 
@@ -144,7 +153,8 @@ def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     flat = [t for a, b, _ in factors for t in (a, b)]
     scales = tuple(s for _, _, s in factors)
     if not torch.is_grad_enabled():
-        out, _ = _on_activations(x.reshape(-1, x.shape[-1]), weight, bias, *_stacked(flat, scales, x.dtype))
+        out, _ = _on_activations(x.reshape(-1, x.shape[-1]), weight, bias,
+                                 *_cast(*_operands(flat, scales, x.dtype), x.dtype))
         return out.reshape(*x.shape[:-1], out.shape[-1])
     if merged is None:
         merged = merge_pays(x, weight, sum(a.shape[0] for a, _, _ in factors))

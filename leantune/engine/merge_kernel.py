@@ -26,18 +26,21 @@ MAX_RANK = 64
 if triton is not None:
 
     @triton.jit
-    def _merge(w, b, a, out, N, K, R, swn, swk, sbn, sbr, sar, sak, son, sok,
+    def _merge(w, b, a, out, scale, N, K, R, swn, swk, sbn, sbr, sar, sak, son, sok,
                BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         rk = tl.program_id(1) * BK + tl.arange(0, BK)
         rr = tl.arange(0, BR)
         inside = (rn[:, None] < N) & (rk[None, :] < K)
-        bt = tl.load(b + rn[:, None] * sbn + rr[None, :] * sbr, mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
-        at = tl.load(a + rr[:, None] * sar + rk[None, :] * sak, mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
+        # the factors as ``b.to(dtype) * scale`` and ``a.to(dtype)`` would give them, cast as read
+        dtype = out.dtype.element_ty
+        bt = tl.load(b + rn[:, None] * sbn + rr[None, :] * sbr, mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0).to(dtype)
+        bt = (bt.to(tl.float32) * scale).to(dtype)
+        at = tl.load(a + rr[:, None] * sar + rk[None, :] * sak, mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0).to(dtype)
         wt = tl.load(w + rn[:, None].to(tl.int64) * swn + rk[None, :] * swk, mask=inside, other=0.0)
         merged = wt.to(tl.float32) + tl.dot(bt, at)
         tl.store(out + rn[:, None].to(tl.int64) * son + rk[None, :].to(tl.int64) * sok,
-                 merged.to(out.dtype.element_ty), mask=inside)
+                 merged.to(dtype), mask=inside)
 
 
 def available(weight: torch.Tensor, rank: int) -> bool:
@@ -47,10 +50,15 @@ def available(weight: torch.Tensor, rank: int) -> bool:
             and weight.dtype in (torch.float16, torch.bfloat16))
 
 
-def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-    """``weight + b @ a`` (``b``: N × R with the scales folded in, ``a``: R × K, both in the
-    weight's dtype), or its transpose, as a new contiguous tensor."""
+def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0,
+                  transposed: bool = False) -> torch.Tensor:
+    """``weight + (scale · b) @ a`` (``b``: N × R, ``a``: R × K, in any float dtype: cast to the
+    weight's as they are read, the kernel's way of sparing a cast kernel per factor per call,
+    with ``b.to(dtype) * scale`` rounded as PyTorch rounds it), or its transpose, as a new
+    contiguous tensor."""
     if not available(weight, a.shape[0]):
+        a, b = a.to(weight.dtype), b.to(weight.dtype)
+        b = b * scale if scale != 1.0 else b
         merged = torch.addmm(weight, b, a)
         return merged.T.contiguous() if transposed else merged
     N, K = weight.shape
@@ -58,6 +66,6 @@ def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, transp
     out = torch.empty((K, N) if transposed else (N, K), device=weight.device, dtype=weight.dtype)
     son, sok = (1, N) if transposed else (K, 1)
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(K, BLOCK_K))
-    _merge[grid](weight, b, a, out, N, K, R, weight.stride(0), weight.stride(1), b.stride(0), b.stride(1),
+    _merge[grid](weight, b, a, out, float(scale), N, K, R, weight.stride(0), weight.stride(1), b.stride(0), b.stride(1),
                  a.stride(0), a.stride(1), son, sok, BN=BLOCK_N, BK=BLOCK_K, BR=max(16, triton.next_power_of_2(R)))
     return out

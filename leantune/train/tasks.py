@@ -305,8 +305,13 @@ class CausalLM(Task):
 
 
 def _extra_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The model inputs besides the ids: a padding mask, or packed rows' positions."""
-    return {k: v for k, v in model_inputs(batch).items() if k != "input_ids"}
+    """The decoder's inputs besides the ids for the training loss: packed rows' positions, but
+    not the padding mask. :func:`pad` pads on the right and labels the padding -100, and in a
+    causal model no token attends to a later one, so the mask changes nothing the loss reads.
+    Without it transformers runs SDPA with ``is_causal`` instead of building a full mask, which
+    cost 150 µs against 60 µs per layer forward in the compiled 1B step (H100; device log,
+    session 15), and ``lt.compile`` can skip the mask (engine/causal_mask.py)."""
+    return {k: v for k, v in model_inputs(batch).items() if k not in ("input_ids", "attention_mask")}
 
 
 @torch.no_grad()
