@@ -50,6 +50,7 @@ device fits on several. For FSDP2:
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import types
 import warnings
@@ -277,5 +278,14 @@ def setup(device: str = "auto", mode: str = "auto", precision: str = "fp32") -> 
 
 
 def teardown(d: Dist) -> None:
+    """Leave the process group together once every rank is done.
+
+    The barrier keeps a rank from destroying the group while rank 0 still writes the adapter;
+    collecting garbage first frees the DDP reducer, whose reference to the group would otherwise
+    outlive ``destroy_process_group`` and be freed as the interpreter shuts down, which gloo
+    answers with ``terminate called without an active exception`` (SIGABRT).
+    """
     if d.world > 1 and dist.is_initialized():
+        dist.barrier()
+        gc.collect()
         dist.destroy_process_group()

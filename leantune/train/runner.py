@@ -150,10 +150,9 @@ def train(
     """
     cfg = load(config, list(overrides), needs_model=model is None)
     dist = setup(cfg.training.device, cfg.training.distributed, cfg.training.precision)
-    try:
-        return _train(model, cfg, tokenizer, resume, callbacks, dist)
-    finally:
-        teardown(dist)
+    result = _train(model, cfg, tokenizer, resume, callbacks, dist)
+    teardown(dist)  # only after a clean run: tearing down while a failed rank's peers sit in a collective hangs
+    return result
 
 
 def _train(model: nn.Module | None, cfg: RunConfig, tokenizer: Any, resume: bool,
