@@ -95,7 +95,7 @@ def _attach(site: Site, name: str, delta: Delta) -> None:
     for p in delta.parameters():
         p.requires_grad_(True)
     site.deltas[name] = delta
-    site.active.append(name)
+    site.active = (*site.active, name)
 
 
 def adapt(
@@ -262,7 +262,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
         if name in site.merged:
             raise RuntimeError(f"adapter {name!r} is merged; unmerge(model) before deleting it")
         del site.deltas[name]
-        site.active = [n for n in site.active if n != name]
+        site.active = tuple(n for n in site.active if n != name)
         if not len(site.deltas):
             remove_site(model, path)
     del model.leantune.adapters[name]
@@ -300,5 +300,5 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
     if any(site.merged for _, site in iter_sites(model)):
         raise RuntimeError("unmerge(model) before switching adapters: merged deltas cannot be switched off")
     for _, site in iter_sites(model):
-        site.active = [n for n in names if n in site.deltas]
+        site.active = tuple(n for n in names if n in site.deltas)
     return model

@@ -279,10 +279,10 @@ def test_ist_samples_important_blocks_more_often_and_probes_by_suppression():
         on = model(**inputs).loss.item()
         with schedule.suppressed(["model.layers.1"]):
             off = model(**inputs).loss.item()
-            assert model.model.layers[0].self_attn.q_proj.active == ["default"]
+            assert model.model.layers[0].self_attn.q_proj.active == ("default",)
         with lt.disabled(model):
             assert abs(model(**inputs).loss.item() - on) > 1e-4
-    assert off != on and model.model.layers[1].self_attn.q_proj.active == ["default"]
+    assert off != on and model.model.layers[1].self_attn.q_proj.active == ("default",)
     schedule.importance = torch.tensor([0.0, 1.0])
     counts = torch.zeros(2)
     for _ in range(200):

@@ -27,6 +27,7 @@ class Factored(Delta):
     def __init__(self, view: WeightView, scale: float = 1.0, dropout: float = 0.0) -> None:
         super().__init__()
         self.view = view
+        self.on_linear = view.kind == "linear"  # a plain bool, which torch.compile's guards skip while unchanged
         self.scale = scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -48,7 +49,7 @@ class Factored(Delta):
     def fused_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """For the engine's fused Linear path: ``(A, B, scale)`` when :meth:`post` is the plain form."""
         dropping = self.training and isinstance(self.dropout, nn.Dropout)
-        if self.view.kind != "linear" or dropping or type(self).post is not Factored.post:
+        if not self.on_linear or dropping or type(self).post is not Factored.post:
             return None
         return (*self.factors(), self.scale)
 

@@ -33,6 +33,7 @@ class LowRank(Delta):
         super().__init__()
         a_shape, b_shape = view.lowrank_shapes(r)
         self.view = view
+        self.on_linear = view.kind == "linear"  # a plain bool, which torch.compile's guards skip while unchanged
         self.r = r
         self.scale = scale
         self.A = nn.Parameter(torch.empty(a_shape))
@@ -71,7 +72,7 @@ class LowRank(Delta):
         """``(A, B, scale)`` when :meth:`post` is exactly ``scale · B A x`` on a Linear right
         now (no dropout in play), so the engine may fuse it; ``None`` otherwise."""
         dropping = self.training and isinstance(self.dropout, nn.Dropout)
-        if self.view.kind != "linear" or dropping or not self.plain_hooks:
+        if not self.on_linear or dropping or not self.plain_hooks:
             return None
         return self.A, self.B, self.scale
 

@@ -44,6 +44,11 @@ class Delta(nn.Module):
         that re-runs a block needs the mask and position embeddings the block got)."""
         return self.post(base, x, h)
 
+    def fused_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(A, B, scale)`` when the delta is exactly ``scale · B A x`` on a Linear right now,
+        so the engine may fuse it with the base product (engine/lowrank_linear.py); else ``None``."""
+        return None
+
     def delta_weight(self, base: nn.Module) -> torch.Tensor | None:
         """The additive change to ``base.weight`` (fp32), for forms linear in the weight."""
         return None
@@ -84,8 +89,10 @@ class Site(nn.Module):
         super().__init__()
         self.base = base
         self.deltas = nn.ModuleDict()
-        self.active: list[str] = []
-        self.merged: list[str] = []
+        # Tuples, replaced rather than changed in place: every change then shows in the module's
+        # ``__dict__``, which is what lets lt.compile's guards skip an unchanged site.
+        self.active: tuple[str, ...] = ()
+        self.merged: tuple[str, ...] = ()
         self.disabled = False
 
     # Code that reads module attributes (tied weights, config checks) keeps working.
@@ -101,27 +108,31 @@ class Site(nn.Module):
         """The deltas that take part in the forward pass right now."""
         if self.disabled:
             return []
-        return [self.deltas[n] for n in self.active if n in self.deltas and n not in self.merged]
+        deltas = self._modules["deltas"]  # not through __getattr__ (below): see forward
+        return [deltas[n] for n in self.active if n in deltas and n not in self.merged]
 
     def forward(self, *args, **kwargs):
+        # ``_modules`` directly: torch.compile traces a custom ``__getattr__`` and guards the
+        # lookup on every call, where a plain dictionary read is skipped while unchanged.
+        base = self._modules["base"]
         live = self.live_deltas()
         if not live:
-            return self.base(*args, **kwargs)
+            return base(*args, **kwargs)
         if len(args) == 1 and not kwargs:  # the engine's fused path, where it applies
-            fused = fused_forward(self.base, live, args[0])
+            fused = fused_forward(base, live, args[0])
             if fused is not None:
                 return fused
         x, args, kwargs = self._take_input(args, kwargs)
         for d in live:
-            x = d.pre(self.base, x)
-        runner = self.base
+            x = d.pre(base, x)
+        runner = base
         for d in live:
             runner = d.module(runner)
         out = runner(x, *args, **kwargs)
         h, rebuild = _split_output(out)
         original_input = x
         for d in live:
-            h = d.post_call(self.base, original_input, h, args, kwargs)
+            h = d.post_call(base, original_input, h, args, kwargs)
         return rebuild(h)
 
     @staticmethod
@@ -147,13 +158,14 @@ class Site(nn.Module):
                 )
             with torch.no_grad():
                 delta.merge(self.base)
-            self.merged.append(name)
+            self.merged = (*self.merged, name)
 
     def unmerge(self) -> None:
         with torch.no_grad():
             while self.merged:
-                name = self.merged.pop()
+                *rest, name = self.merged
                 self.deltas[name].unmerge(self.base)
+                self.merged = tuple(rest)
 
 
 def iter_sites(model: nn.Module) -> Iterator[tuple[str, Site]]:

@@ -173,8 +173,7 @@ def fused_forward(base: nn.Module, deltas: Sequence[nn.Module], x: torch.Tensor)
         return None
     factors = []
     for d in deltas:
-        get = getattr(d, "fused_factors", None)
-        f = get() if get is not None else None
+        f = d.fused_factors()
         if f is None:
             return None
         factors.append(f)

@@ -227,7 +227,7 @@ def _snip_gradients(model: nn.Module, made: dict[str, Bottleneck], batches: list
     for path, delta in made.items():
         site = site_at(model, path)
         site.deltas[tmp] = delta.to(device)
-        site.active.append(tmp)
+        site.active = (*site.active, tmp)
     weights = [proj.weight for d in made.values() for proj in (d.down, d.up)]
     total = [torch.zeros_like(w) for w in weights]  # on the model's device, like the weights now
     try:
@@ -246,7 +246,7 @@ def _snip_gradients(model: nn.Module, made: dict[str, Bottleneck], batches: list
         for path in made:
             site = site_at(model, path)
             del site.deltas[tmp]
-            site.active.remove(tmp)
+            site.active = tuple(n for n in site.active if n != tmp)
             if not len(site.deltas):
                 remove_site(model, path)
     return total

@@ -162,9 +162,9 @@ class ISTSchedule(Schedule):
     def suppressed(self, blocks: list[str]) -> Iterator[None]:
         """Inside the block, adapter ``name`` is inactive in ``blocks``."""
         sites = [s for b in blocks for s in self.sites[b]]
-        saved = [list(s.active) for s in sites]
+        saved = [s.active for s in sites]
         for s in sites:
-            s.active = [n for n in s.active if n != self.name]
+            s.active = tuple(n for n in s.active if n != self.name)
         try:
             yield
         finally:

@@ -182,7 +182,7 @@ class LoRAFADelta(LowRank):
 
     def fused_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         dropping = self.training and isinstance(self.dropout, nn.Dropout)
-        return None if self.view.kind != "linear" or dropping else (self.A, self.B, self.scale)
+        return None if not self.on_linear or dropping else (self.A, self.B, self.scale)
 
     def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         return self.A, self.B.detach(), self.scale
