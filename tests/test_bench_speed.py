@@ -197,3 +197,14 @@ def test_at_lt_compiles_the_bound_or_peft_through_lt_compile(monkeypatch):
     assert [r["name"] for r in speed.ratios(results)] == ["lt_vs_bound", "lt_vs_bound_lt"]
     with pytest.raises(ValueError, match="must be compiled"):
         speed.run_mode("frozen@lt", "tiny", data, 1, 0, 1e-3, "cpu")
+
+
+def test_guard_bench_times_both_libraries_and_names_a_bad_one(capsys):
+    from leantune.bench import guards
+
+    assert guards.main(["--layers", "2", "--repeats", "1"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["library"], r["layers"]) for r in rows] == [("leantune", 2), ("peft", 2)]
+    assert all(len(r["lookup_ms"]) == 1 and r["lookup_ms"][0] > 0 for r in rows)
+    with pytest.raises(SystemExit, match="'hf' is neither leantune nor peft"):
+        guards.main(["--layers", "2", "--libraries", "hf"])
