@@ -39,6 +39,15 @@ def test_speed_bench_runs_forward_loss_mezo_lora_and_lst_modes(tmp_path, capsys)
     assert (tmp_path / "speed_tiny.png").is_file()
     table = (tmp_path / "speed_tiny.md").read_text()
     assert all(f"| {speed.mode_name(m)} | {by[m]['tok_s']:,} |" in table for m in modes[:-1])
+    # how long the host took to issue each step: on a CPU issuing is running, so about the step
+    for mode in modes[:-1]:
+        r = by[mode]
+        assert 0 < r["host_issue_ms"] <= r["step_s"] * 1e3 * 1.5 + 1
+        assert f"| {r['step_s'] * 1e3:.1f} | {r['host_issue_ms']:.1f} |" in table
+    phases = by["lt"]["host_phases_ms"]
+    assert sorted(phases) == ["backward", "forward", "optimizer"] and all(v > 0 for v in phases.values())
+    assert sum(phases.values()) <= by["lt"]["host_issue_ms"] + 0.05
+    assert "host_phases_ms" not in by["lt_mezo"] and "host_phases_ms" not in by["fwd_loss"], "no backward to split"
 
 
 def test_a_mode_whose_loss_turns_nan_is_flagged_and_left_out_of_ratios_and_chart(tmp_path, capsys, monkeypatch):

@@ -282,7 +282,7 @@ def run_mode(label: str, size: str, data: list[torch.Tensor], steps: int, warmup
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    times, losses, peak_fwd = [], [], 0
+    times, issued, phases, losses, peak_fwd = [], [], [], [], 0
     for i in range(warmup + steps):
         ids = data[i % len(data)]
         _sync(device)
@@ -297,12 +297,16 @@ def run_mode(label: str, size: str, data: list[torch.Tensor], steps: int, warmup
             loss = opt.step(partial(loss_fn, ids, ids))
         else:
             loss = loss_fn(ids, ids)
+            forward_issued = time.perf_counter()
             if device == "cuda":  # where the peak falls: end of forward, or later
                 peak_fwd = max(peak_fwd, torch.cuda.max_memory_allocated())
             loss.backward()
+            backward_issued = time.perf_counter()
             if opt is not None:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+            phases.append((forward_issued - t, backward_issued - forward_issued, time.perf_counter() - backward_issued))
+        issued.append(time.perf_counter() - t)
         _sync(device)
         times.append(time.perf_counter() - t)
         if s.loss is not None:
@@ -322,10 +326,24 @@ def run_mode(label: str, size: str, data: list[torch.Tensor], steps: int, warmup
         peak_fwd_gib=(round(peak_fwd / 2**30, 2)
                       if device == "cuda" and s.loss is not None and s.optimizer == "adamw" else None),
         first_step_s=round(times[0], 1), n_train=sum(p.numel() for p in s.params),
+        **host_issue(issued[warmup:], phases[warmup:]),
         tflops=round(s.flops_factor * n_base * tokens / step_s / 1e12, 1), graph_breaks=breaks, losses=losses,
         # a run that computes garbage is no result, however fast: kept for diagnosis, out of every ratio
         **({} if diverged is None else {"error": f"loss not finite from step {diverged} on: not a result"}),
     )
+
+
+def host_issue(issued: list[float], phases: list[tuple[float, float, float]]) -> dict:
+    """How long the host took to issue a step (median, ms), and its forward, backward and
+    optimizer shares where the mode has them. Kernels run asynchronously, so a GPU-bound step
+    is issued well before it ends, while one issued in about its whole time is host-bound: the
+    GPU waited on launches, and fewer launches or CUDA graphs (``_compile_cg``) would speed it
+    up. (On a CPU, issuing is running: the two are equal.)"""
+    report = dict(host_issue_ms=round(statistics.median(issued) * 1e3, 2))
+    if phases:
+        medians = [round(statistics.median(p) * 1e3, 2) for p in zip(*phases, strict=True)]
+        report["host_phases_ms"] = dict(zip(("forward", "backward", "optimizer"), medians, strict=True))
+    return report
 
 
 def rival_pairs(results: list[dict]) -> list[tuple[str, str]]:

@@ -58,17 +58,19 @@ def markdown(report: dict) -> str:
         "",
         f"Command: `python -m leantune.bench.speed {' '.join(report.get('argv', []))}`",
         "",
-        "| mode | tokens/s | peak GiB | TFLOP/s | first step s |",
-        "|---|---:|---:|---:|---:|",
+        "| mode | tokens/s | peak GiB | TFLOP/s | step ms | host issued it in ms | first step s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     labels = iter(row_labels([r for r in report["results"] if "tok_s" in r]))
     for r in report["results"]:
         if "tok_s" not in r:
-            lines.append(f"| {r['mode']} | failed: {r.get('error', '?')} | | | |")
+            lines.append(f"| {r['mode']} | failed: {r.get('error', '?')} | | | | | |")
             continue
         name = next(labels) + (f" (not a result: {r['error']})" if "error" in r else "")
         peak = "—" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
-        lines.append(f"| {name} | {r['tok_s']:,} | {peak} | {r['tflops']} | {r['first_step_s']} |")
+        step = f"{r['step_s'] * 1e3:.1f}" if "step_s" in r else "—"
+        issue = f"{r['host_issue_ms']:.1f}" if "host_issue_ms" in r else "—"  # runs before session 20 lack it
+        lines.append(f"| {name} | {r['tok_s']:,} | {peak} | {r['tflops']} | {step} | {issue} | {r['first_step_s']} |")
     if report.get("ratios"):
         lines += ["", "| comparison | ours | against | metric | ratio | target | |", "|---|---|---|---|---:|---|---|"]
         for q in report["ratios"]:
