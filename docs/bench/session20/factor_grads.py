@@ -10,8 +10,8 @@ split, reduced again or cast afterwards.
 
 Use: ``PYTHONPATH=. python docs/bench/session20/factor_grads.py check`` (kernel against fp32
 PyTorch; CPU runs it under ``TRITON_INTERPRET=1``), ``... micro`` (CUDA: kernel against the
-two cuBLAS products at 1B/3B shapes), ``... bench --size 3b --modes peft_compile,lt_compile,lt_compile+fg``
-(``leantune bench speed`` where a label ending in ``+fg`` trains with this backward).
+two cuBLAS products at 1B/3B shapes). ``ab.py`` beside it trains with :func:`backward` for labels
+with ``+fg``.
 Not part of the package: it moves there only if a GPU run shows it faster at 1B and 3B.
 """
 
@@ -23,7 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-from leantune.bench import speed
 from leantune.engine.merge_kernel import merged_weight
 
 L = sys.modules["leantune.engine.lowrank_linear"]
@@ -142,26 +141,5 @@ def micro() -> None:
         print(f"K={K} N={N}: fused {fused:.1f} us, cuBLAS + casts {cublas:.1f} us (GPU time)", flush=True)
 
 
-def bench(argv: list[str]) -> int:
-    """``leantune bench speed`` where a label ending in ``+fg`` runs with this backward."""
-    plain = speed.run_mode
-
-    def run_mode(label, *args, **kwargs):
-        fused = label.endswith("+fg")
-        L.LowRankLinear.backward = staticmethod(backward) if fused else staticmethod(_original_backward)
-        try:
-            res = plain(label.removesuffix("+fg"), *args, **kwargs)
-        finally:
-            L.LowRankLinear.backward = staticmethod(_original_backward)
-        res["mode"], res["name"] = label, res["name"] + (", fused factor gradients" if fused else "")
-        return res
-
-    speed.run_mode = run_mode
-    return speed.main(argv)
-
-
 if __name__ == "__main__":
-    command = sys.argv[1] if len(sys.argv) > 1 else "check"
-    if command == "bench":
-        raise SystemExit(bench(sys.argv[2:]))
-    {"check": check, "micro": micro}[command]()
+    {"check": check, "micro": micro}[sys.argv[1] if len(sys.argv) > 1 else "check"]()

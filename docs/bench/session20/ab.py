@@ -1,0 +1,51 @@
+"""Session 20's A/B of ways to issue fewer host launches per step, in one process.
+
+``leantune bench speed`` where a label may end in flags:
+
+- ``+fg``: LoRA sites take both factor gradients from one Triton launch (``factor_grads.py``);
+- ``+cpp``: inductor writes its wrapper in C++ (``cpp_wrapper``), so each launch skips Python.
+
+CUDA graphs need no flag: they are the bench's ``_compile_cg`` suffix. Example (3B, one process)::
+
+    PYTHONPATH=. python docs/bench/session20/ab.py --size 3b --steps 20 --warmup 3 --out /tmp/ab \\
+        --modes peft_compile,lt_compile,lt_compile+fg,lt_compile+cpp,lt_compile_cg,peft_compile_cg
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from leantune.bench import speed
+
+sys.path.insert(0, str(Path(__file__).parent))
+import factor_grads  # noqa: E402  (the experiment's kernel, beside this file)
+
+FLAGS = {"+fg": ", fused factor gradients", "+cpp": ", C++ wrapper"}
+
+
+def run_mode(label: str, *args, **kwargs) -> dict:
+    """``speed.run_mode`` for ``label`` without its flags, with the flags' changes in force."""
+    mode, flags = label, []
+    while any(mode.endswith(f) for f in FLAGS):
+        flag = next(f for f in FLAGS if mode.endswith(f))
+        mode, flags = mode.removesuffix(flag), [flag, *flags]
+    lowrank = factor_grads.L.LowRankLinear
+    if "+fg" in flags:
+        lowrank.backward = staticmethod(factor_grads.backward)
+    try:
+        with torch._inductor.config.patch(cpp_wrapper="+cpp" in flags):
+            res = _plain_run_mode(mode, *args, **kwargs)
+    finally:
+        lowrank.backward = staticmethod(factor_grads._original_backward)
+    res["mode"], res["name"] = label, res["name"] + "".join(FLAGS[f] for f in flags)
+    return res
+
+
+_plain_run_mode = speed.run_mode
+
+if __name__ == "__main__":
+    speed.run_mode = run_mode
+    raise SystemExit(speed.main(sys.argv[1:]))
