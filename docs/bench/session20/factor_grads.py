@@ -30,31 +30,32 @@ BLOCK_C, BLOCK_T = 32, 128
 
 
 @triton.jit
+def _over_tokens(lhs, rhs, T, lcols, ln, rcols, rn, slt, slc, srt, src,
+                 BT: tl.constexpr, BL: tl.constexpr, BRH: tl.constexpr):
+    """Σ over all T tokens of lhs[:, lcols]ᵀ · rhs[:, rcols], in fp32 (BL × BRH)."""
+    acc = tl.zeros((BL, BRH), tl.float32)
+    for t0 in range(0, T, BT):
+        rows = t0 + tl.arange(0, BT)
+        lhs_tile = tl.load(lhs + rows[:, None] * slt + lcols[None, :] * slc, mask=(rows[:, None] < T) & (lcols[None, :] < ln), other=0.0)
+        rhs_tile = tl.load(rhs + rows[:, None] * srt + rcols[None, :] * src, mask=(rows[:, None] < T) & (rcols[None, :] < rn), other=0.0)
+        acc += tl.dot(tl.trans(lhs_tile), rhs_tile)
+    return acc
+
+
+@triton.jit
 def _factor_grads(u, x, g, v, grad_a, grad_b, T, K, N, R, scale,
                   sut, sur, sxt, sxk, sgt, sgn, svt, svr,
                   BC: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr):
     pid = tl.program_id(0)
     programs_a = tl.cdiv(K, BC)
     rr = tl.arange(0, BR)
-    rt = tl.arange(0, BT)
-    rc = tl.arange(0, BC)
     if pid < programs_a:  # grad_a[:, cols] = uᵀ x[:, cols]   (R × BC)
-        cols = pid * BC + rc
-        acc = tl.zeros((BR, BC), tl.float32)
-        for t0 in range(0, T, BT):
-            rows = t0 + rt
-            ut = tl.load(u + rows[:, None] * sut + rr[None, :] * sur, mask=(rows[:, None] < T) & (rr[None, :] < R), other=0.0)
-            xt = tl.load(x + rows[:, None] * sxt + cols[None, :] * sxk, mask=(rows[:, None] < T) & (cols[None, :] < K), other=0.0)
-            acc += tl.dot(tl.trans(ut), xt)
+        cols = pid * BC + tl.arange(0, BC)
+        acc = _over_tokens(u, x, T, rr, R, cols, K, sut, sur, sxt, sxk, BT, BR, BC)
         tl.store(grad_a + rr[:, None] * K + cols[None, :], acc, mask=(rr[:, None] < R) & (cols[None, :] < K))
     else:  # grad_b[cols, :] = scale · g[:, cols]ᵀ v   (BC × R)
-        cols = (pid - programs_a) * BC + rc
-        acc = tl.zeros((BC, BR), tl.float32)
-        for t0 in range(0, T, BT):
-            rows = t0 + rt
-            gt = tl.load(g + rows[:, None] * sgt + cols[None, :] * sgn, mask=(rows[:, None] < T) & (cols[None, :] < N), other=0.0)
-            vt = tl.load(v + rows[:, None] * svt + rr[None, :] * svr, mask=(rows[:, None] < T) & (rr[None, :] < R), other=0.0)
-            acc += tl.dot(tl.trans(gt), vt)
+        cols = (pid - programs_a) * BC + tl.arange(0, BC)
+        acc = _over_tokens(g, v, T, cols, N, rr, R, sgt, sgn, svt, svr, BT, BC, BR)
         tl.store(grad_b + cols[:, None] * R + rr[None, :], acc * scale, mask=(cols[:, None] < N) & (rr[None, :] < R))
 
 
