@@ -26,12 +26,25 @@ import factor_grads  # noqa: E402  (the experiment's kernel, beside this file)
 FLAGS = {"+fg": ", fused factor gradients", "+cpp": ", C++ wrapper"}
 
 
-def run_mode(label: str, *args, **kwargs) -> dict:
-    """``speed.run_mode`` for ``label`` without its flags, with the flags' changes in force."""
+def split_flags(label: str) -> tuple[str, list[str]]:
+    """``"lt_compile+fg+cpp"`` -> ``("lt_compile", ["+fg", "+cpp"])``."""
     mode, flags = label, []
     while any(mode.endswith(f) for f in FLAGS):
         flag = next(f for f in FLAGS if mode.endswith(f))
         mode, flags = mode.removesuffix(flag), [flag, *flags]
+    return mode, flags
+
+
+def rival_pairs(results: list[dict]) -> list[tuple[str, str]]:
+    """The bench's loss pairs, plus each flagged mode against its unflagged mode's rival."""
+    pairs = _plain_rival_pairs(results)
+    rival = dict(_plain_rival_pairs([dict(r, mode=split_flags(r["mode"])[0]) for r in results]))
+    return pairs + [(r["mode"], rival[m]) for r in results if (m := split_flags(r["mode"])[0]) != r["mode"] and m in rival]
+
+
+def run_mode(label: str, *args, **kwargs) -> dict:
+    """``speed.run_mode`` for ``label`` without its flags, with the flags' changes in force."""
+    mode, flags = split_flags(label)
     lowrank = factor_grads.L.LowRankLinear
     if "+fg" in flags:
         lowrank.backward = staticmethod(factor_grads.backward)
@@ -44,8 +57,8 @@ def run_mode(label: str, *args, **kwargs) -> dict:
     return res
 
 
-_plain_run_mode = speed.run_mode
+_plain_run_mode, _plain_rival_pairs = speed.run_mode, speed.rival_pairs
 
 if __name__ == "__main__":
-    speed.run_mode = run_mode
+    speed.run_mode, speed.rival_pairs = run_mode, rival_pairs
     raise SystemExit(speed.main(sys.argv[1:]))
