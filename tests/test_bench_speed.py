@@ -39,10 +39,10 @@ def test_speed_bench_runs_forward_loss_mezo_lora_and_lst_modes(tmp_path, capsys)
     assert (tmp_path / "speed_tiny.png").is_file()
     table = (tmp_path / "speed_tiny.md").read_text()
     assert all(f"| {speed.mode_name(m)} | {by[m]['tok_s']:,} |" in table for m in modes[:-1])
-    # how long the host took to issue each step: on a CPU issuing is running, so about the step
+    # how long the host took to issue each step: never more than the step (on a CPU, about the step)
     for mode in modes[:-1]:
         r = by[mode]
-        assert 0 < r["host_issue_ms"] <= r["step_s"] * 1e3 * 1.5 + 1
+        assert 0 < r["host_issue_ms"] <= r["step_s"] * 1e3 + 0.06, "issued before it ends (step_s is rounded to 0.1 ms)"
         assert f"| {r['step_s'] * 1e3:.1f} | {r['host_issue_ms']:.1f} |" in table
     phases = by["lt"]["host_phases_ms"]
     assert sorted(phases) == ["backward", "forward", "optimizer"] and all(v > 0 for v in phases.values())
