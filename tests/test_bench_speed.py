@@ -92,6 +92,18 @@ def test_cuda_graph_ratios_compare_against_the_faster_compiled_peft():
     assert got[("lt_vs_peft", "tok_s")]["theirs"] == "peft_compile" and got[("lt_vs_peft", "tok_s")]["ratio"] == 1.2
 
 
+def test_lean_with_cuda_graphs_is_compared_with_the_faster_peft_checkpointing_and_held_to_lean_targets():
+    results = [dict(mode="peft_gc_compile", tok_s=40.0, peak_gib=6.0), dict(mode="peft_gc_compile_cg", tok_s=38.0, peak_gib=5.0),
+               dict(mode="lt_lean_compile_cg", tok_s=58.0, peak_gib=4.5), dict(mode="peft_compile", tok_s=99.0, peak_gib=1.0)]
+    got = {(r["name"], r["metric"]): r for r in speed.ratios(results)}
+    assert got[("lean_cg_vs_peft_gc_best", "tok_s")] == dict(name="lean_cg_vs_peft_gc_best", ours="lt_lean_compile_cg",
+                                                             theirs="peft_gc_compile", metric="tok_s", ratio=1.45)
+    assert got[("lean_cg_vs_peft_gc_best", "peak_gib")]["ratio"] == round(4.5 / 6.0, 3)
+    assert speed_table.target("lean_cg_vs_peft_gc_best", "tok_s") == (">=", 1.5)
+    assert speed_table.verdict(1.45, speed_table.target("lean_cg_vs_peft_gc_best", "tok_s")) == "**missed**"
+    assert speed_table.target("lt_cg_vs_peft_best", "peak_gib") == ("<=", 0.75)
+
+
 def test_lean_on_the_first_layers_is_compared_with_peft_checkpointing_compiled_alike():
     results = [dict(mode="peft_gc_compile", tok_s=40.0, peak_gib=6.0), dict(mode="peft_gc", tok_s=30.0, peak_gib=7.0),
                dict(mode="lt_lean10_compile", tok_s=60.0, peak_gib=4.5), dict(mode="lt_lean3", tok_s=33.0, peak_gib=3.5)]

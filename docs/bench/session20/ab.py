@@ -3,7 +3,12 @@
 ``leantune bench speed`` where a label may end in flags:
 
 - ``+fg``: LoRA sites take both factor gradients from one Triton launch (``factor_grads.py``);
-- ``+cpp``: inductor writes its wrapper in C++ (``cpp_wrapper``), so each launch skips Python.
+- ``+od``: LoRA sites take both factor gradients from cuBLAS in fp32 (``out_dtype``), no cast after;
+- ``+cpp``: inductor writes its wrapper in C++ (``cpp_wrapper``), so each launch skips Python;
+- ``+keep``: sites merged both ways keep the forward's ``W'`` for the backward (session 21,
+  ``../session21/keep_merged.py``);
+- ``+combo``: inductor's combo kernels (``combo_kernels``): independent small kernels of a graph,
+  such as the factors' casts, share one launch (session 21).
 
 CUDA graphs need no flag: they are the bench's ``_compile_cg`` suffix. Example (3B, one process)::
 
@@ -23,7 +28,11 @@ from leantune.bench import speed
 sys.path.insert(0, str(Path(__file__).parent))
 import factor_grads  # noqa: E402  (the experiment's kernel, beside this file)
 
-FLAGS = {"+fg": ", fused factor gradients", "+cpp": ", C++ wrapper"}
+sys.path.insert(0, str(Path(__file__).parents[1] / "session21"))
+import keep_merged  # noqa: E402  (session 21's experiment)
+
+FLAGS = {"+fg": ", fused factor gradients", "+od": ", fp32-out factor gradients", "+cpp": ", C++ wrapper",
+         "+keep": ", merged weight kept", "+combo": ", combo kernels"}
 
 
 def split_flags(label: str) -> tuple[str, list[str]]:
@@ -46,13 +55,16 @@ def run_mode(label: str, *args, **kwargs) -> dict:
     """``speed.run_mode`` for ``label`` without its flags, with the flags' changes in force."""
     mode, flags = split_flags(label)
     lowrank = factor_grads.L.LowRankLinear
-    if "+fg" in flags:
-        lowrank.backward = staticmethod(factor_grads.backward)
+    if "+fg" in flags or "+od" in flags:
+        lowrank.backward = staticmethod(factor_grads.backward if "+fg" in flags else factor_grads.backward_fp32_out)
+    if "+keep" in flags:  # its own backward: not with +fg or +od
+        keep_merged.switch(True)
     try:
-        with torch._inductor.config.patch(cpp_wrapper="+cpp" in flags):
+        with torch._inductor.config.patch(cpp_wrapper="+cpp" in flags, combo_kernels="+combo" in flags):
             res = _plain_run_mode(mode, *args, **kwargs)
     finally:
         lowrank.backward = staticmethod(factor_grads._original_backward)
+        keep_merged.switch(False)
     res["mode"], res["name"] = label, res["name"] + "".join(FLAGS[f] for f in flags)
     return res
 

@@ -55,8 +55,8 @@ def _factor_grads(u, x, g, v, grad_a, grad_b, T, K, N, R, scale,
         tl.store(grad_a + rr[:, None] * K + cols[None, :], acc, mask=(rr[:, None] < R) & (cols[None, :] < K))
     else:  # grad_b[cols, :] = scale · g[:, cols]ᵀ v   (BC × R)
         cols = (pid - programs_a) * BC + tl.arange(0, BC)
-        acc = _over_tokens(g, v, T, cols, N, rr, R, sgt, sgn, svt, svr, BT, BC, BR)
-        tl.store(grad_b + cols[:, None] * R + rr[None, :], acc * scale, mask=(cols[:, None] < N) & (rr[None, :] < R))
+        acc_b = _over_tokens(g, v, T, cols, N, rr, R, sgt, sgn, svt, svr, BT, BC, BR)
+        tl.store(grad_b + cols[:, None] * R + rr[None, :], acc_b * scale, mask=(cols[:, None] < N) & (rr[None, :] < R))
 
 
 def factor_grads(u: torch.Tensor, x: torch.Tensor, g: torch.Tensor, v: torch.Tensor,
@@ -95,6 +95,26 @@ def backward(ctx, grad_out):
         grad_x = (g @ merged_weight(weight, a, b, ctx.scale, transposed=True).T if ctx.merged_backward
                   else (g @ weight).addmm_(g_xa, ca)).reshape(ctx.x_shape)
     ga, gb = factor_grads(g_xa, flat, g, flat @ ca.T if xa is None else xa, ctx.scales[0])
+    return grad_x, None, None, None, None, ga.to(ctx.dtypes[0]), gb.to(ctx.dtypes[1])
+
+
+def backward_fp32_out(ctx, grad_out):
+    """LowRankLinear's backward with the factors' gradients from cuBLAS in fp32 (``out_dtype``),
+    ``B``'s scale folded into the ``x Aᵀ`` it multiplies: no cast or scale kernel after them
+    (session 21, flag ``+od``)."""
+    if not _fusable(ctx):
+        return _original_backward(ctx, grad_out)
+    flat, weight, a, b, xa = ctx.saved_tensors
+    g = grad_out.reshape(-1, grad_out.shape[-1])
+    s = ctx.scales[0]
+    ca, csb = L._cast(a, b, ctx.scale, g.dtype)
+    g_xa = g @ csb
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = (g @ merged_weight(weight, a, b, ctx.scale, transposed=True).T if ctx.merged_backward
+                  else (g @ weight).addmm_(g_xa, ca)).reshape(ctx.x_shape)
+    ga = torch.mm(g_xa.T, flat, out_dtype=torch.float32)
+    gb = torch.mm(g.T, flat @ (ca * s).T if xa is None else xa * s, out_dtype=torch.float32)
     return grad_x, None, None, None, None, ga.to(ctx.dtypes[0]), gb.to(ctx.dtypes[1])
 
 
