@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from leantune.train.loop import Order, lr_schedule
+from leantune.train.loop import Loop, Order, lr_schedule
 from leantune.train.runner import train
 
 from .train_helpers import seqcls_config, single_thread
@@ -52,3 +52,26 @@ def test_mixed_precision_trains_fp32_adapter_weights(tmp_path, precision):
     weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.float32}
     assert any((t != 0).any() for k, t in weights.items() if "lora_B" in k)
+
+
+def test_a_step_counts_the_unpadded_tokens_of_its_micro_batches_on_the_host(tmp_path, monkeypatch):
+    seen: list[tuple[int, int]] = []  # (tokens the step reported, non-pad tokens of what the model was fed)
+    fed: list[torch.Tensor] = []
+    original_batch, original_step = Loop._batch, Loop.train_step
+
+    def batch(self, indices):
+        moved, tokens = original_batch(self, indices)
+        fed.append(moved["attention_mask"])
+        return moved, tokens
+
+    def step(self):
+        fed.clear()
+        loss, samples, tokens = original_step(self)
+        seen.append((tokens, sum(int(m.sum()) for m in fed)))
+        return loss, samples, tokens
+
+    monkeypatch.setattr(Loop, "_batch", batch)
+    monkeypatch.setattr(Loop, "train_step", step)
+    train(None, seqcls_config(tmp_path / "run", max_steps=3, grad_accum=2))
+    assert len(seen) == 3 and all(reported == counted > 0 for reported, counted in seen)
+    assert any(counted < 2 * 8 * 16 for _, counted in seen), "padding is not counted"

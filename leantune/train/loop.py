@@ -233,9 +233,13 @@ class Loop:
         self.dist.barrier()
 
     # --- the steps --------------------------------------------------------------------------
-    def _batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+    def _batch(self, indices: list[int]) -> tuple[dict[str, torch.Tensor], int]:
+        """The collated batch on the device, and its token count taken before it moves: counted
+        on the device, it would make the host wait for the GPU to finish the step's backward
+        before it could queue anything of the next step."""
         batch = self.task.collate([self.train_data[i] for i in indices])
-        return {k: v.to(self.dist.device) for k, v in batch.items()}
+        tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        return {k: v.to(self.dist.device) for k, v in batch.items()}, tokens
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.dist.autocast_precision, self.dist.device)  # FSDP2 casts by its own policy
@@ -248,7 +252,7 @@ class Loop:
         total_loss, samples, tokens = 0.0, 0, 0
         accum = self.cfg.grad_accum
         for j in range(accum):
-            batch = self._batch(self.order.batch(self.step * accum + j))
+            batch, batch_tokens = self._batch(self.order.batch(self.step * accum + j))
             # DDP syncs gradients on the last micro-batch only; FSDP2 reduce-scatters each into fp32 shards.
             quiet = j < accum - 1 and self.dist.mode == "ddp"
             with self.wrapped.no_sync() if quiet else contextlib.nullcontext():
@@ -258,7 +262,7 @@ class Loop:
                 self.scaler.scale(loss).backward()
             total_loss += task_loss.item() / accum
             samples += batch["input_ids"].shape[0]
-            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            tokens += batch_tokens
         self.scaler.unscale_(self.optimizer)
         if self.cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
@@ -273,7 +277,7 @@ class Loop:
     def _mezo_step(self) -> tuple[float, int, int]:
         """One MeZO step: the mean loss of the step's micro-batches, at θ + εz and θ - εz, forward only."""
         accum = self.cfg.grad_accum
-        batches = [self._batch(self.order.batch(self.step * accum + j)) for j in range(accum)]
+        batches, counts = zip(*(self._batch(self.order.batch(self.step * accum + j)) for j in range(accum)), strict=True)
 
         def closure() -> torch.Tensor:
             with self._autocast():
@@ -283,9 +287,7 @@ class Loop:
         self.scheduler.step()
         self.step += 1
         samples = sum(b["input_ids"].shape[0] for b in batches)
-        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                     for b in batches)
-        return loss, samples, tokens
+        return loss, samples, sum(counts)
 
     @torch.no_grad()
     def _loss_of(self, batch: dict[str, torch.Tensor]) -> float:
