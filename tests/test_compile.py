@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from functools import partial
 
 import pytest
@@ -98,19 +99,44 @@ def _sft_losses(out, model: torch.nn.Module | None = None, **training) -> list[f
     return [r["loss"] for r in read_metrics(out / "run" / "metrics.jsonl") if r["split"] == "train"]
 
 
-def test_training_compile_gives_the_eager_runs_losses(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("setting", "mode"), [(True, None), ("cuda_graphs", "reduce-overhead")])
+def test_training_compile_gives_the_eager_runs_losses(tmp_path, monkeypatch, setting, mode):
     import leantune.train.loop as loop_module
 
     traced = []
 
     def fast_compile(fn, **kwargs):  # the test's backend: the same partitioner, no kernel generation
-        traced.append(fn)
+        traced.append(kwargs.pop("mode", None))  # a mode is inductor's: this backend takes none
         return lt.compile(fn, backend=BACKEND, **kwargs)
 
     monkeypatch.setattr(loop_module, "compile_function", fast_compile)
-    eager, compiled = _sft_losses(tmp_path / "eager"), _sft_losses(tmp_path / "compiled", compile=True)
-    assert len(traced) == 1 and len(eager) == len(compiled) == 4
+    eager, compiled = _sft_losses(tmp_path / "eager"), _sft_losses(tmp_path / "compiled", compile=setting)
+    assert traced == [mode] and len(eager) == len(compiled) == 4
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs on the lent GPU)")
+def test_training_with_cuda_graphs_replays_the_compiled_runs_losses_on_cuda(tmp_path):
+    compiled = _sft_losses(tmp_path / "compiled", compile=True)
+    graphs = _sft_losses(tmp_path / "graphs", compile="cuda_graphs")
+    assert len(graphs) == 4 and all(math.isfinite(x) for x in graphs)
+    assert graphs == pytest.approx(compiled, rel=1e-3)
+
+
+def test_training_compile_takes_cuda_graphs_in_one_process_only(tmp_path):
+    from leantune.train.config import ConfigError, TrainingSection, build
+    from leantune.train.distributed import Dist
+    from leantune.train.loop import Loop
+
+    assert TrainingSection(compile="cuda_graphs").check() == []
+    problems = TrainingSection(compile="graphs").check()
+    assert any("training.compile" in p and "cuda_graphs" in p and "'graphs'" in p for p in problems)
+    with pytest.raises(ConfigError, match="training.compile"):
+        build({"model": "m", "method": {"name": "lora"}, "training": {"compile": 3}})
+    loop = Loop.__new__(Loop)  # only what _compiled reads: the setting and the world size
+    loop.cfg, loop.dist = TrainingSection(compile="cuda_graphs"), Dist(rank=0, world=2, mode="ddp")
+    with pytest.raises(ValueError, match="one process"):
+        loop._compiled(lambda: None)
 
 
 def test_training_lean_gives_the_same_losses_and_checkpoints_every_layer(tmp_path):

@@ -114,6 +114,10 @@ class DataSection:
         return problems
 
 
+# ``training.compile`` values beyond true/false: the ``torch.compile`` mode each stands for.
+COMPILE_MODES = {"cuda_graphs": "reduce-overhead"}
+
+
 @dataclass
 class TrainingSection:
     """How to train. ``max_steps`` (optimizer steps) wins over ``epochs`` when > 0; ``batch_size``
@@ -122,6 +126,8 @@ class TrainingSection:
     ``distributed`` (under ``torchrun``): ``auto``/``ddp`` replicate the model, ``fsdp2`` shards it;
     ``optimizer: mezo`` trains with forward passes only (``mezo_eps``, ``mezo_samples``: engine/mezo.py);
     ``compile`` runs each training step's loss through ``lt.compile`` (engine/compiling.py);
+    ``compile: cuda_graphs`` also replays each step from CUDA graphs (one process, CUDA; fixed batch
+    shapes, as ``packing`` gives, record once; elsewhere it compiles without them);
     ``lean`` keeps only each layer's input for backward and recomputes the rest (engine/lean.py),
     ``lean_keep_attention`` also keeps attention's outputs (a little faster, a little more memory),
     ``lean_layers`` makes only the first n decoder layers lean (faster, more memory; default all)."""
@@ -149,7 +155,7 @@ class TrainingSection:
     optimizer: str = "adamw"
     mezo_eps: float = 1e-3
     mezo_samples: int = 1
-    compile: bool = False
+    compile: bool | str = False
     lean: bool = False
     lean_keep_attention: bool = False
     lean_layers: int | None = None
@@ -165,6 +171,9 @@ class TrainingSection:
         if self.distributed == "fsdp2" and self.precision == "fp16":
             problems.append("training.precision: fp16 needs a grad scaler, which leantune does not run on FSDP2 "
                             "shards; use bf16 (or fp32) with training.distributed: fsdp2")
+        if isinstance(self.compile, str) and self.compile not in COMPILE_MODES:
+            problems.append(f"training.compile: true, false or {', '.join(COMPILE_MODES)} (compiled, each step "
+                            f"replayed from CUDA graphs), got {self.compile!r}")
         if self.compile and (self.optimizer == "mezo" or self.distributed == "fsdp2"):
             problems.append("training.compile: runs backprop steps in one process or under DDP; turn it off with "
                             "optimizer: mezo (forward passes only) or distributed: fsdp2")

@@ -29,7 +29,7 @@ from ..engine.compiling import compile as compile_function
 from ..engine.lean import configure
 from ..engine.mezo import MeZO
 from .checkpoint import RunDir, read_trainer_state, rng_state, save_checkpoint, set_rng_state, write_adapter
-from .config import TrainingSection, higher_is_better
+from .config import COMPILE_MODES, TrainingSection, higher_is_better
 from .distributed import Dist
 from .logs import MetricsLog, memory_mb
 from .tasks import Example, Task
@@ -194,13 +194,22 @@ class Loop:
             raise ValueError("training.optimizer: mezo runs in one process and for methods without a training "
                              "schedule (those read gradients, which MeZO never makes); use adamw")
         # The training loss through torch.compile (lt.compile: keeps less for backward); evaluation stays eager.
-        self.train_loss = compile_function(task.loss) if cfg.compile else task.loss
+        self.train_loss = self._compiled(task.loss) if cfg.compile else task.loss
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
         self.log = MetricsLog(run.metrics, dist.main)
         self.metric = cfg.best_metric or task.main_metric
         self.step, self.best_step, self.best_value = 0, None, None
         self.last_metrics: dict[str, float] = {}
         self.saved_at = -1
+
+    def _compiled(self, loss: Callable) -> Callable:
+        """``loss`` through ``lt.compile``; with ``compile: cuda_graphs``, in the mode that replays it
+        from CUDA graphs. Their replays cannot hold collectives, so that mode runs in one process."""
+        mode = COMPILE_MODES.get(self.cfg.compile) if isinstance(self.cfg.compile, str) else None
+        if mode is not None and self.dist.world > 1:
+            raise ValueError(f"training.compile: {self.cfg.compile} runs in one process (a CUDA graph's replay "
+                             "cannot hold DDP's gradient all-reduce); use compile: true under torchrun")
+        return compile_function(loss, mode=mode) if mode else compile_function(loss)
 
     # --- state ------------------------------------------------------------------------------
     def restore(self, checkpoint: Path, state: dict[str, Any]) -> None:
