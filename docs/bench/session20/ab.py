@@ -57,8 +57,9 @@ def run_mode(label: str, *args, **kwargs) -> dict:
     lowrank = factor_grads.L.LowRankLinear
     if "+fg" in flags or "+od" in flags:
         lowrank.backward = staticmethod(factor_grads.backward if "+fg" in flags else factor_grads.backward_fp32_out)
-    if "+keep" in flags:  # its own backward: not with +fg or +od
-        keep_merged.switch(True)
+    if "+keep" in flags:  # its own forward and backward, which take +fg's kernel for the kept sites
+        fused = "+fg" in flags
+        keep_merged.switch(True, lowrank.backward, factor_grads.factor_grads if fused else None)
     try:
         with torch._inductor.config.patch(cpp_wrapper="+cpp" in flags, combo_kernels="+combo" in flags):
             res = _plain_run_mode(mode, *args, **kwargs)

@@ -41,22 +41,33 @@ def forward(ctx, x, weight, bias, scales, forms, *factors):
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+# What the sites this experiment leaves alone run backward, and the function that gives the kept
+# sites' factor gradients ((uᵀx, s·gᵀv) in fp32), where another flag (``+fg``) supplies one.
+_others: dict = {"backward": _original_backward, "factor_grads": None}
+
+
 def backward(ctx, grad_out):
     """Main's merged backward with the kept ``W'``: ``grad_x = g W'``."""
     if not ctx.kept:
-        return _original_backward(ctx, grad_out)
+        return _others["backward"](ctx, grad_out)
     flat, merged, a, b = ctx.saved_tensors
     wants = ctx.needs_input_grad
     g = grad_out.reshape(-1, grad_out.shape[-1])
     ca, csb = L._cast(a, b, ctx.scale, g.dtype)
     g_xa = g @ csb
     grad_x = (g @ merged).reshape(ctx.x_shape) if wants[0] else None
+    if _others["factor_grads"] is not None and wants[5] and wants[6]:
+        grad_a, grad_b = _others["factor_grads"](g_xa, flat, g, flat @ ca.T, ctx.scales[0])
+        return grad_x, None, None, None, None, grad_a.to(ctx.dtypes[0]), grad_b.to(ctx.dtypes[1])
     grad_a = (g_xa.T @ flat).to(ctx.dtypes[0]) if wants[5] else None
     grad_b = ((g.T @ (flat @ ca.T)) * ctx.scales[0]).to(ctx.dtypes[1]) if wants[6] else None
     return grad_x, None, None, None, None, grad_a, grad_b
 
 
-def switch(on: bool) -> None:
-    """Put the experiment's forward and backward in place of main's (``on``) or back."""
+def switch(on: bool, others_backward=None, factor_grads=None) -> None:
+    """Put the experiment's forward and backward in place of main's (``on``) or back; with
+    ``on``, the other sites run ``others_backward`` (main's by default) and the kept sites take
+    their factor gradients from ``factor_grads`` where given."""
+    _others.update(backward=others_backward or _original_backward, factor_grads=factor_grads if on else None)
     L.LowRankLinear.forward = staticmethod(forward if on else _original_forward)
     L.LowRankLinear.backward = staticmethod(backward if on else _original_backward)
