@@ -3,17 +3,16 @@
 ``leantune bench speed`` where a label may end in flags:
 
 - ``+fg``: LoRA sites take both factor gradients from one Triton launch (``factor_grads.py``);
-- ``+od``: LoRA sites take both factor gradients from cuBLAS in fp32 (``out_dtype``), no cast after;
 - ``+cpp``: inductor writes its wrapper in C++ (``cpp_wrapper``), so each launch skips Python;
 - ``+keep``: sites merged both ways keep the forward's ``W'`` for the backward (session 21,
   ``../session21/keep_merged.py``);
 - ``+combo``: inductor's combo kernels (``combo_kernels``): independent small kernels of a graph,
   such as the factors' casts, share one launch (session 21).
 
-CUDA graphs need no flag: they are the bench's ``_compile_cg`` suffix. Example (3B, one process)::
+CUDA graphs need no flag: they are the bench's ``_compile_cg`` suffix, and flags follow it. Session 22's plan (3B, one process)::
 
     PYTHONPATH=. python docs/bench/session20/ab.py --size 3b --steps 20 --warmup 3 --out /tmp/ab \\
-        --modes peft_compile,lt_compile,lt_compile+fg,lt_compile+cpp,lt_compile_cg,peft_compile_cg
+        --modes peft_compile,peft_compile_cg,lt_compile_cg,lt_compile_cg+keep,lt_compile_cg+keep+fg,lt_compile_cg+keep+combo
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ import factor_grads  # noqa: E402  (the experiment's kernel, beside this file)
 sys.path.insert(0, str(Path(__file__).parents[1] / "session21"))
 import keep_merged  # noqa: E402  (session 21's experiment)
 
-FLAGS = {"+fg": ", fused factor gradients", "+od": ", fp32-out factor gradients", "+cpp": ", C++ wrapper",
+FLAGS = {"+fg": ", fused factor gradients", "+cpp": ", C++ wrapper",
          "+keep": ", merged weight kept", "+combo": ", combo kernels"}
 
 
@@ -55,8 +54,8 @@ def run_mode(label: str, *args, **kwargs) -> dict:
     """``speed.run_mode`` for ``label`` without its flags, with the flags' changes in force."""
     mode, flags = split_flags(label)
     lowrank = factor_grads.L.LowRankLinear
-    if "+fg" in flags or "+od" in flags:
-        lowrank.backward = staticmethod(factor_grads.backward if "+fg" in flags else factor_grads.backward_fp32_out)
+    if "+fg" in flags:
+        lowrank.backward = staticmethod(factor_grads.backward)
     if "+keep" in flags:  # its own forward and backward, which take +fg's kernel for the kept sites
         fused = "+fg" in flags
         keep_merged.switch(True, lowrank.backward, factor_grads.factor_grads if fused else None)

@@ -98,26 +98,6 @@ def backward(ctx, grad_out):
     return grad_x, None, None, None, None, ga.to(ctx.dtypes[0]), gb.to(ctx.dtypes[1])
 
 
-def backward_fp32_out(ctx, grad_out):
-    """LowRankLinear's backward with the factors' gradients from cuBLAS in fp32 (``out_dtype``),
-    ``B``'s scale folded into the ``x Aᵀ`` it multiplies: no cast or scale kernel after them
-    (session 21, flag ``+od``)."""
-    if not _fusable(ctx):
-        return _original_backward(ctx, grad_out)
-    flat, weight, a, b, xa = ctx.saved_tensors
-    g = grad_out.reshape(-1, grad_out.shape[-1])
-    s = ctx.scales[0]
-    ca, csb = L._cast(a, b, ctx.scale, g.dtype)
-    g_xa = g @ csb
-    grad_x = None
-    if ctx.needs_input_grad[0]:
-        grad_x = (g @ merged_weight(weight, a, b, ctx.scale, transposed=True).T if ctx.merged_backward
-                  else (g @ weight).addmm_(g_xa, ca)).reshape(ctx.x_shape)
-    ga = torch.mm(g_xa.T, flat, out_dtype=torch.float32)
-    gb = torch.mm(g.T, flat @ (ca * s).T if xa is None else xa * s, out_dtype=torch.float32)
-    return grad_x, None, None, None, None, ga.to(ctx.dtypes[0]), gb.to(ctx.dtypes[1])
-
-
 def check() -> None:
     """The kernel against fp32 PyTorch products on odd shapes (any device)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
