@@ -12,7 +12,7 @@
 CUDA graphs need no flag: they are the bench's ``_compile_cg`` suffix, and flags follow it. Session 22's plan (3B, one process)::
 
     PYTHONPATH=. python docs/bench/session20/ab.py --size 3b --steps 20 --warmup 3 --out /tmp/ab \\
-        --modes peft_compile,peft_compile_cg,lt_compile_cg,lt_compile_cg+keep,lt_compile_cg+keep+fg,lt_compile_cg+keep+combo
+        --modes peft_compile,lt_compile,lt_compile+keep+fg,peft_compile_cg,lt_compile_cg,lt_compile_cg+keep+fg
 """
 
 from __future__ import annotations
