@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Session 22's GPU plan (device log, session 21) as one background job, so that no stage waits
 # on a call of ours: the LoRA A/B at 3B, then lean with CUDA graphs at 3B, then the trainer's
-# `compile: cuda_graphs` test. Start it from the repository root on the device machine with
-#   setsid nohup bash docs/bench/session21/next_session.sh > /dev/null 2>&1 < /dev/null &
+# `compile: cuda_graphs` test. Start it from the repository root on the device machine with a
+# copy outside the tree (each call copies the tree again, and bash reads a script as it runs):
+#   cp docs/bench/session21/next_session.sh /tmp/s22.sh; setsid nohup bash /tmp/s22.sh > /dev/null 2>&1 < /dev/null &
 # and poll with calls that sleep, back to back (an idle machine is given back after 30 s), each
 # bringing back what has been measured so far, so that a lease that ends mid-run loses nothing:
 #   sleep 500; bash docs/bench/session21/next_session.sh collect
