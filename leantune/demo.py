@@ -100,11 +100,16 @@ def write_json_atomically(path: Path, obj: dict[str, Any]) -> None:
 
 def write_text_atomically(path: Path, text: str) -> None:
     """Write ``text`` to a temporary name beside ``path``, then rename it over ``path``."""
+    write_bytes_atomically(path, text.encode())
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary name beside ``path``, then rename it over ``path``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; a summary is for everyone to read
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

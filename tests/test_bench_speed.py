@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -229,3 +231,29 @@ def test_guard_bench_times_both_libraries_and_names_a_bad_one(capsys):
     assert all(len(r["lookup_ms"]) == 1 and r["lookup_ms"][0] > 0 for r in rows)
     with pytest.raises(SystemExit, match="'hf' is neither leantune nor peft"):
         guards.main(["--layers", "2", "--libraries", "hf"])
+
+
+def test_compile_cache_lets_a_fresh_process_find_the_graphs_another_one_compiled(tmp_path):
+    from .train_helpers import subprocess_env
+
+    cache = tmp_path / "compile-cache.bin"
+    graphs = []
+    for run in ("first", "second"):  # each with an empty inductor cache of its own: only the file links them
+        env = {**subprocess_env(), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{run}")}
+        subprocess.run([sys.executable, "-m", "leantune.bench.speed", "--size", "tiny", "--modes", "fwd_compile",
+                        "--steps", "1", "--warmup", "0", "--batch", "2", "--seq", "32", "--out", str(tmp_path / run),
+                        "--compile-cache", str(cache)], env=env, check=True, capture_output=True, text=True)
+        report = json.loads((tmp_path / run / "speed_tiny.json").read_text())
+        graphs.append(report["results"][0]["compiled_graphs"])
+    assert cache.stat().st_size > 0
+    assert graphs[0]["miss"] >= 1 and graphs[0]["hit"] == 0, "the first process compiles the forward"
+    assert graphs[1] == {"hit": graphs[0]["miss"], "miss": 0}, "the second finds every graph in the file"
+
+
+def test_a_compile_cache_that_cannot_be_read_is_skipped_with_a_message(tmp_path, capsys):
+    from leantune.bench import compile_cache
+
+    assert compile_cache.load(tmp_path / "absent.bin") == 0 and capsys.readouterr().out == ""
+    (tmp_path / "torn.bin").write_bytes(b"half a cache")
+    assert compile_cache.load(tmp_path / "torn.bin") == 0
+    assert "could not load" in capsys.readouterr().out

@@ -37,6 +37,7 @@ import leantune as lt
 from leantune.demo import write_json_atomically, write_text_atomically
 from leantune.engine import MeZO, causal_lm_loss, configure
 
+from . import compile_cache
 from .speed_table import markdown
 
 SIZES = {
@@ -412,6 +413,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default=None, help="folder for speed_<size>.json, .md (tables) and .png (chart)")
     ap.add_argument("--plot", default=None, help="only draw the chart and write the tables of an existing JSON file")
     ap.add_argument("--profile", action="store_true", help="write each mode's top GPU kernels to profile_<size>.txt")
+    ap.add_argument("--compile-cache", default=None, metavar="FILE",
+                    help="load torch.compile's cache artifacts from FILE first (if it exists) and save them there "
+                         "after each mode: a later run, on this or a like machine with the same code and "
+                         "software, skips most of compiling (each mode's JSON says how many graphs it found)")
 
 
 def host_cpu() -> str:
@@ -452,9 +457,13 @@ def run(args: argparse.Namespace) -> int:
     data = batches(args.size, args.distinct_batches, args.batch, args.seq, device)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
+    cache = Path(args.compile_cache) if args.compile_cache else None
+    if cache is not None and (loaded := compile_cache.load(cache)):
+        print(f"compile cache: loaded {loaded / 2**20:.1f} MiB from {cache}", flush=True)
     results = []
     for label in labels:
         error = None
+        before = compile_cache.graph_lookups()
         try:
             res = run_mode(label, args.size, data, args.steps, args.warmup, args.lr, device,
                            Path(args.out or ".") / f"profile_{args.size}.txt" if args.profile else None)
@@ -464,6 +473,9 @@ def run(args: argparse.Namespace) -> int:
             error = f"{type(err).__name__}: {err}"
         if error is not None:
             res = dict(mode=label, size=args.size, error=error)
+        if cache is not None:
+            res["compiled_graphs"] = {k: v - before[k] for k, v in compile_cache.graph_lookups().items()}
+            compile_cache.save(cache)
         torch._dynamo.reset()
         gc.collect()
         if device == "cuda":

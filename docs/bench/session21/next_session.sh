@@ -16,11 +16,14 @@ if [ "${1:-}" = collect ]; then  # the modes measured so far, and copies under $
     ls "$out"
     for f in "$out"/*/speed_3b.json; do [ -f "$f" ] && cp "$f" "$OUT/$(basename "$(dirname "$f")")_speed_3b.json"; done
     cp "$out"/machine.txt "$out"/pytest.log "$OUT"/ 2>/dev/null
+    # what a second machine of this session could start from (comes back if under 16 MiB)
+    [ -f "$out/compile-cache.bin" ] && ls -l "$out/compile-cache.bin" && cp "$out/compile-cache.bin" "$OUT"/
     exit 0
 fi
 mkdir -p "$out"
 { nvidia-smi --query-gpu=name --format=csv,noheader; lscpu | grep "Model name"; git log --oneline -1; } > "$out/machine.txt" 2>&1
-ab() { python docs/bench/session20/ab.py --size 3b --steps 20 --warmup 3 --out "$out/$1" --modes "$2" > "$out/$1.log" 2>&1; }
+ab() { python docs/bench/session20/ab.py --size 3b --steps 20 --warmup 3 --out "$out/$1" --modes "$2" \
+    --compile-cache "$out/compile-cache.bin" > "$out/$1.log" 2>&1; }
 ab lora3b peft_compile,lt_compile,lt_compile+keep+fg,peft_compile_cg,lt_compile_cg,lt_compile_cg+keep+fg
 ab lean3b peft_gc_compile,peft_gc_compile_cg,lt_lean_compile_cg,lt_lean_compile_cg+keep
 python -m pytest -q -p no:cacheprovider tests/test_compile.py -k cuda_graphs > "$out/pytest.log" 2>&1
