@@ -209,7 +209,7 @@ class Loop:
         if mode is not None and self.dist.world > 1:
             raise ValueError(f"training.compile: {self.cfg.compile} runs in one process (a CUDA graph's replay "
                              "cannot hold DDP's gradient all-reduce); use compile: true under torchrun")
-        return compile_function(loss, mode=mode) if mode else compile_function(loss)
+        return compile_function(loss, mode=mode)  # mode None: torch.compile's default
 
     # --- state ------------------------------------------------------------------------------
     def restore(self, checkpoint: Path, state: dict[str, Any]) -> None:
