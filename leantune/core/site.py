@@ -85,6 +85,9 @@ def _split_output(out):
 class Site(nn.Module):
     """A base module plus the named deltas attached to it."""
 
+    # Siblings that run as one stacked site (core/siblings.py), or None: the site runs alone.
+    stack = None
+
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base = base
@@ -115,6 +118,10 @@ class Site(nn.Module):
         # ``_modules`` directly: torch.compile traces a custom ``__getattr__`` and guards the
         # lookup on every call, where a plain dictionary read is skipped while unchanged.
         base = self._modules["base"]
+        if self.stack is not None and len(args) == 1 and not kwargs:
+            stacked = self.stack.output(self, args[0])
+            if stacked is not None:
+                return stacked
         live = self.live_deltas()
         if not live:
             return base(*args, **kwargs)

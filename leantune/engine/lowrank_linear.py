@@ -169,6 +169,13 @@ def fused_forward(base: nn.Module, deltas: Sequence[nn.Module], x: torch.Tensor)
     is off, and every delta offers ``fused_factors()`` (a low-rank delta with
     no active dropout); otherwise the caller runs the unfused path.
     """
+    factors = fusable_factors(base, deltas, x)
+    return None if factors is None else lowrank_linear(x, base.weight, base.bias, factors)
+
+
+def fusable_factors(base: nn.Module, deltas: Sequence[nn.Module], x: torch.Tensor) -> list[Factors] | None:
+    """Every delta's ``(A, B, scale)`` where the fused path applies to ``base`` on ``x``
+    (:func:`fused_forward`), else ``None``."""
     if type(base) is not nn.Linear or x.dtype != base.weight.dtype or torch.is_autocast_enabled(x.device.type):
         return None
     factors = []
@@ -177,4 +184,4 @@ def fused_forward(base: nn.Module, deltas: Sequence[nn.Module], x: torch.Tensor)
         if f is None:
             return None
         factors.append(f)
-    return lowrank_linear(x, base.weight, base.bias, factors)
+    return factors

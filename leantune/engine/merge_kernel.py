@@ -26,7 +26,7 @@ MAX_RANK = 64
 if triton is not None:
 
     @triton.jit
-    def _merge(w, b, a, out, scale, N, K, R, swn, swk, sbn, sbr, sar, sak, son, sok,
+    def _merge(w, b, a, out, out_at, scale, N, K, R, swn, swk, sbn, sbr, sar, sak, son, sok,
                BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         rk = tl.program_id(1) * BK + tl.arange(0, BK)
@@ -39,7 +39,7 @@ if triton is not None:
         at = tl.load(a + rr[:, None] * sar + rk[None, :] * sak, mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0).to(dtype)
         wt = tl.load(w + rn[:, None].to(tl.int64) * swn + rk[None, :] * swk, mask=inside, other=0.0)
         merged = wt.to(tl.float32) + tl.dot(bt, at)
-        tl.store(out + rn[:, None].to(tl.int64) * son + rk[None, :].to(tl.int64) * sok,
+        tl.store(out + out_at + rn[:, None].to(tl.int64) * son + rk[None, :].to(tl.int64) * sok,
                  merged.to(dtype), mask=inside)
 
 
@@ -51,21 +51,34 @@ def available(weight: torch.Tensor, rank: int) -> bool:
 
 
 def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0,
-                  transposed: bool = False) -> torch.Tensor:
+                  transposed: bool = False, out: torch.Tensor | None = None, at: int = 0) -> torch.Tensor:
     """``weight + (scale · b) @ a`` (``b``: N × R, ``a``: R × K, in any float dtype: cast to the
     weight's as they are read, the kernel's way of sparing a cast kernel per factor per call,
     with ``b.to(dtype) * scale`` rounded as PyTorch rounds it), or its transpose, as a new
-    contiguous tensor."""
+    contiguous tensor; or written into ``out`` (contiguous) from row ``at`` (column ``at`` when
+    ``transposed``), which is returned: several weights then merge into one stacked weight
+    with no copy (:mod:`.stacked_linear`)."""
+    N, K = weight.shape
+    shape = (K, N) if transposed else (N, K)
+    stacked = 1 if transposed else 0  # the dimension along which ``out`` holds several weights
+    if out is not None and (not out.is_contiguous() or out.dim() != 2 or out.shape[1 - stacked] != K
+                            or not 0 <= at <= out.shape[stacked] - N):
+        raise ValueError(f"merged_weight: out {tuple(out.shape)} has no room for {shape} at {at}")
     if not available(weight, a.shape[0]):
         a, b = a.to(weight.dtype), b.to(weight.dtype)
         b = b * scale if scale != 1.0 else b
         merged = torch.addmm(weight, b, a)
-        return merged.T.contiguous() if transposed else merged
-    N, K = weight.shape
+        merged = merged.T.contiguous() if transposed else merged
+        if out is None:
+            return merged
+        (out[:, at:at + N] if transposed else out[at:at + N]).copy_(merged)
+        return out
     R = a.shape[0]
-    out = torch.empty((K, N) if transposed else (N, K), device=weight.device, dtype=weight.dtype)
-    son, sok = (1, N) if transposed else (K, 1)
+    if out is None:
+        out, at = torch.empty(shape, device=weight.device, dtype=weight.dtype), 0
+    son, sok = (1, out.stride(0)) if transposed else (out.stride(0), 1)
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(K, BLOCK_K))
-    _merge[grid](weight, b, a, out, float(scale), N, K, R, weight.stride(0), weight.stride(1), b.stride(0), b.stride(1),
-                 a.stride(0), a.stride(1), son, sok, BN=BLOCK_N, BK=BLOCK_K, BR=max(16, triton.next_power_of_2(R)))
+    _merge[grid](weight, b, a, out, at * (1 if transposed else out.stride(0)), float(scale), N, K, R,
+                 weight.stride(0), weight.stride(1), b.stride(0), b.stride(1), a.stride(0), a.stride(1), son, sok,
+                 BN=BLOCK_N, BK=BLOCK_K, BR=max(16, triton.next_power_of_2(R)))
     return out

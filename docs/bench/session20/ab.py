@@ -8,6 +8,8 @@
   ``../session21/keep_merged.py``);
 - ``+combo``: inductor's combo kernels (``combo_kernels``): independent small kernels of a graph,
   such as the factors' casts, share one launch (session 21).
+- ``+stack``: sibling sites (``q, k, v``; ``gate, up``) run stacked (session 22,
+  ``leantune.core.siblings.stack_siblings``).
 
 CUDA graphs need no flag: they are the bench's ``_compile_cg`` suffix, and flags follow it. Session 22's plan (3B, one process)::
 
@@ -22,7 +24,9 @@ from pathlib import Path
 
 import torch
 
+import leantune as lt
 from leantune.bench import speed
+from leantune.core.siblings import stack_siblings
 
 sys.path.insert(0, str(Path(__file__).parent))
 import factor_grads  # noqa: E402  (the experiment's kernel, beside this file)
@@ -31,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "session21"))
 import keep_merged  # noqa: E402  (session 21's experiment)
 
 FLAGS = {"+fg": ", fused factor gradients", "+cpp": ", C++ wrapper",
-         "+keep": ", merged weight kept", "+combo": ", combo kernels"}
+         "+keep": ", merged weight kept", "+combo": ", combo kernels", "+stack": ", siblings stacked"}
 
 
 def split_flags(label: str) -> tuple[str, list[str]]:
@@ -59,12 +63,16 @@ def run_mode(label: str, *args, **kwargs) -> dict:
     if "+keep" in flags:  # its own forward and backward, which take +fg's kernel for the kept sites
         fused = "+fg" in flags
         keep_merged.switch(True, lowrank.backward, factor_grads.factor_grads if fused else None)
+    adapt = lt.adapt
+    if "+stack" in flags:
+        lt.adapt = lambda model, *a, **k: (adapt(model, *a, **k), stack_siblings(model))[0]
     try:
         with torch._inductor.config.patch(cpp_wrapper="+cpp" in flags, combo_kernels="+combo" in flags):
             res = _plain_run_mode(mode, *args, **kwargs)
     finally:
         lowrank.backward = staticmethod(factor_grads._original_backward)
         keep_merged.switch(False)
+        lt.adapt = adapt
     res["mode"], res["name"] = label, res["name"] + "".join(FLAGS[f] for f in flags)
     return res
 
