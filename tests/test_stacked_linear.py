@@ -197,3 +197,34 @@ def test_cuda_compiled_stack_runs_the_merge_kernel_and_matches_sites_alone(monke
     assert loss == pytest.approx(want_loss, rel=1e-2)
     for got, want in zip(grads, want_grads, strict=True):
         assert torch.linalg.norm(got - want) <= 5e-2 * torch.linalg.norm(want) + 1e-6
+
+
+def test_compiled_stacked_training_traces_once_and_follows_eager(monkeypatch):
+    monkeypatch.setattr(siblings, "stack_forms", lambda x, weights, ranks: True)
+
+    def losses(compiled: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = tiny_llama()
+        lt.adapt(model, lt.LoRA(r=4, targets=TARGETS, init="random"))
+        stack_siblings(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=0.1)
+        loss_fn = partial(causal_lm_loss, model)
+        if compiled:
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            loss_fn = lt.compile(loss_fn, backend="aot_eager_decomp_partition")
+        out = []
+        for seed in range(3):
+            ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(seed))
+            loss = loss_fn(ids, ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            out.append(loss.item())
+        return out
+
+    want = losses(False)
+    got = losses(True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert got == pytest.approx(want, rel=1e-5)
