@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Session 23's GPU plan (device log, session 22) as one background job: the stacked siblings'
-# CUDA tests, then their A/B at 3B (LoRA, then lean), then at 1B. Start it from the repository
+# CUDA tests, then their A/B: 3B LoRA, 1B LoRA, 3B lean. Start it from the repository
 # root on the device machine with a copy outside the tree (each call copies the tree again):
 #   cp docs/bench/session22/next_session.sh /tmp/s23.sh; setsid nohup bash /tmp/s23.sh > /dev/null 2>&1 < /dev/null &
 # and poll with calls that sleep, back to back (an idle machine is given back after 30 s), each
@@ -23,6 +23,6 @@ python -m pytest -q -p no:cacheprovider tests/test_stacked_linear.py tests/test_
     tests/test_compile.py -k "cuda" > "$out/pytest.log" 2>&1
 ab() { python docs/bench/session20/ab.py --size "$1" --steps 20 --warmup 3 --out "$out/$2" --modes "$3" > "$out/$2.log" 2>&1; }
 ab 3b lora3b peft_compile,lt_compile,lt_compile+stack,lt_compile_cg+stack
-ab 3b lean3b peft_gc_compile,lt_lean_compile,lt_lean_compile+stack
 ab 1b lora1b peft_compile,lt_compile,lt_compile+stack
+ab 3b lean3b peft_gc_compile,lt_lean_compile,lt_lean_compile+stack
 touch "$out/DONE"
