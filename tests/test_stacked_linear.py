@@ -38,6 +38,11 @@ def test_stacked_function_passes_gradcheck_and_equals_each_site_alone(merged_bac
         return torch.cat(stacked_linear(x, weights, fs, merged_backward), dim=-1)
 
     assert torch.autograd.gradcheck(stacked, (x, *flat))
+    for a, _, _ in factors:  # A frozen (LoRA-FA): no A gradient, the rest unchanged
+        a.requires_grad_(False)
+    assert torch.autograd.gradcheck(stacked, (x, *flat))
+    stacked(x, *flat).sum().backward()
+    assert all(a.grad is None for a in flat[0::2]) and all(b.grad is not None for b in flat[1::2])
     alone = torch.cat([lowrank_linear(x, w, None, [f]) for w, f in zip(weights, factors, strict=True)], dim=-1)
     assert torch.allclose(stacked(x, *flat), alone)
 

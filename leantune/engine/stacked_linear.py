@@ -52,15 +52,18 @@ class StackedLowRankLinear(torch.autograd.Function):
             grad_x = g @ _transposed_stack(weights, a_s, b_s, ctx.scales).T if ctx.merged_backward \
                 else _summed_input_grad(g, weights, g_xa, a)
             grad_x = grad_x.reshape(ctx.x_shape)
-        grad_a = g_xa.T @ flat
-        grad_b = g.T @ (flat @ a.T)  # block-diagonal: sibling i's B gradient is block (i, i)
+        m = len(weights)
+        wants_a, wants_b = ctx.needs_input_grad[3 + m:3 + 2 * m], ctx.needs_input_grad[3 + 2 * m:]
+        grad_a = g_xa.T @ flat if any(wants_a) else None
+        # block-diagonal: sibling i's B gradient is block (i, i)
+        grad_b = g.T @ (flat @ a.T) if any(wants_b) else None
         grads_a, grads_b, row, col = [], [], 0, 0
-        for w, ta, tb, s in zip(weights, a_s, b_s, ctx.scales, strict=True):
+        for w, ta, tb, s, want_a, want_b in zip(weights, a_s, b_s, ctx.scales, wants_a, wants_b, strict=True):
             rank, n = ta.shape[0], w.shape[0]
-            grads_a.append(grad_a[col:col + rank].to(ta.dtype))
-            grads_b.append((grad_b[row:row + n, col:col + rank] * s).to(tb.dtype))
+            grads_a.append(grad_a[col:col + rank].to(ta.dtype) if want_a else None)
+            grads_b.append((grad_b[row:row + n, col:col + rank] * s).to(tb.dtype) if want_b else None)
             row, col = row + n, col + rank
-        return grad_x, None, None, *[None] * len(weights), *grads_a, *grads_b
+        return grad_x, None, None, *[None] * m, *grads_a, *grads_b
 
 
 def _split3(tensors: Sequence[torch.Tensor]) -> tuple[Sequence[torch.Tensor], ...]:
