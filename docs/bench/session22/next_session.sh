@@ -13,7 +13,9 @@ if [ "${1:-}" = collect ]; then  # the modes measured so far, and copies under $
     tail -n 3 "$out"/pytest.log 2>/dev/null
     grep -ah '^{"mode' "$out"/*.log | cut -c1-330
     ls "$out"
-    for f in "$out"/*/speed_*.json; do [ -f "$f" ] && cp "$f" "$OUT/$(basename "$(dirname "$f")")_$(basename "$f")"; done
+    for f in "$out"/*/speed_*.json "$out"/*/profile_*.txt; do
+        [ -f "$f" ] && cp "$f" "$OUT/$(basename "$(dirname "$f")")_$(basename "$f")"
+    done
     cp "$out"/machine.txt "$out"/pytest.log "$OUT"/ 2>/dev/null
     exit 0
 fi
@@ -21,8 +23,10 @@ mkdir -p "$out"
 { nvidia-smi --query-gpu=name --format=csv,noheader; lscpu | grep "Model name"; git log --oneline -1; } > "$out/machine.txt" 2>&1
 python -m pytest -q -p no:cacheprovider tests/test_stacked_linear.py tests/test_merge_kernel.py \
     tests/test_compile.py -k "cuda" > "$out/pytest.log" 2>&1
-ab() { python docs/bench/session20/ab.py --size "$1" --steps 20 --warmup 3 --out "$out/$2" --modes "$3" > "$out/$2.log" 2>&1; }
-ab 3b lora3b peft_compile,lt_compile,lt_compile+stack,lt_compile_cg+stack
+ab() { python docs/bench/session20/ab.py --size "$1" --steps 20 --warmup 3 --out "$out/$2" --modes "$3" "${@:4}" \
+    > "$out/$2.log" 2>&1; }
+# the top kernels of one step each (where the stack's time goes, if it does not win)
+ab 3b lora3b peft_compile,lt_compile,lt_compile+stack,lt_compile_cg+stack --profile
 ab 1b lora1b peft_compile,lt_compile,lt_compile+stack
 ab 3b lean3b peft_gc_compile,lt_lean_compile,lt_lean_compile+stack
 touch "$out/DONE"
