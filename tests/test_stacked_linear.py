@@ -23,8 +23,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("merged_backward", [True, False])
-def test_stacked_function_passes_gradcheck_and_equals_each_site_alone(merged_backward):
+def test_stacked_function_passes_gradcheck_and_equals_each_site_alone():
     torch.manual_seed(0)
     d = dict(dtype=torch.float64)
     x = torch.randn(2, 5, 6, **d, requires_grad=True)
@@ -35,7 +34,7 @@ def test_stacked_function_passes_gradcheck_and_equals_each_site_alone(merged_bac
 
     def stacked(x, *ab):
         fs = [(ab[2 * i], ab[2 * i + 1], s) for i, (_, _, s) in enumerate(factors)]
-        return torch.cat(stacked_linear(x, weights, fs, merged_backward), dim=-1)
+        return torch.cat(stacked_linear(x, weights, fs), dim=-1)
 
     assert torch.autograd.gradcheck(stacked, (x, *flat))
     for a, _, _ in factors:  # A frozen (LoRA-FA): no A gradient, the rest unchanged
@@ -47,10 +46,10 @@ def test_stacked_function_passes_gradcheck_and_equals_each_site_alone(merged_bac
     assert torch.allclose(stacked(x, *flat), alone)
 
 
-def _trained(stack: bool, forms: bool | None, monkeypatch, compiled: bool = False,
+def _trained(stack: bool, pays: bool, monkeypatch, compiled: bool = False,
              lean: bool = False) -> tuple[float, list[torch.Tensor], int]:
-    """(loss, LoRA gradients, stacked calls) of one step of a tiny Llama, with the stacked
-    form forced to ``forms`` (the merge kernel's CUDA-only choice, made on the CPU)."""
+    """(loss, LoRA gradients, stacked calls) of one step of a tiny Llama, with the choice to
+    stack forced to ``pays`` (the merge kernel's CUDA-only choice, made on the CPU)."""
     torch.manual_seed(0)
     model = tiny_llama()
     lt.adapt(model, lt.LoRA(r=4, targets=TARGETS, init="random"))
@@ -58,7 +57,7 @@ def _trained(stack: bool, forms: bool | None, monkeypatch, compiled: bool = Fals
         configure(model, lean=True)
     if stack:
         assert stack_siblings(model) == 4  # q, k, v and gate, up in each of two layers
-    monkeypatch.setattr(siblings, "stack_forms", lambda x, weights, ranks: forms)
+    monkeypatch.setattr(siblings, "stack_pays", lambda x, weights, ranks: pays)
     calls = [0]
 
     def counted(*args):
@@ -76,12 +75,10 @@ def _trained(stack: bool, forms: bool | None, monkeypatch, compiled: bool = Fals
     return loss.item(), [p.grad for p in model.parameters() if p.requires_grad], calls[0]
 
 
-@pytest.mark.parametrize(("merged_backward", "compiled", "lean"),
-                         [(True, False, False), (False, False, False), (True, True, False), (False, True, False),
-                          (True, False, True), (True, True, True)])
-def test_stacked_siblings_give_each_sites_loss_and_gradients(merged_backward, compiled, lean, monkeypatch):
-    want_loss, want_grads, none = _trained(False, merged_backward, monkeypatch)
-    loss, grads, calls = _trained(True, merged_backward, monkeypatch, compiled, lean)
+@pytest.mark.parametrize(("compiled", "lean"), [(False, False), (True, False), (False, True), (True, True)])
+def test_stacked_siblings_give_each_sites_loss_and_gradients(compiled, lean, monkeypatch):
+    want_loss, want_grads, none = _trained(False, True, monkeypatch)
+    loss, grads, calls = _trained(True, True, monkeypatch, compiled, lean)
     assert none == 0 and calls == (8 if lean and not compiled else 4), calls
     assert loss == pytest.approx(want_loss, rel=1e-6)
     for got, want in zip(grads, want_grads, strict=True):
@@ -89,12 +86,12 @@ def test_stacked_siblings_give_each_sites_loss_and_gradients(merged_backward, co
 
 
 def test_siblings_run_alone_where_the_stack_does_not_pay_or_cannot_apply(monkeypatch):
-    assert _trained(True, None, monkeypatch)[2] == 0  # on the CPU, uncompiled: the choice is None
+    assert _trained(True, False, monkeypatch)[2] == 0  # on the CPU, uncompiled, the stack does not pay
     torch.manual_seed(0)
     model = tiny_llama()
     lt.adapt(model, lt.LoRA(r=4, targets=TARGETS, init="random", dropout=0.1))
     stack_siblings(model)
-    monkeypatch.setattr(siblings, "stack_forms", lambda x, weights, ranks: True)
+    monkeypatch.setattr(siblings, "stack_pays", lambda x, weights, ranks: True)
     ran = []
     monkeypatch.setattr(siblings, "stacked_linear", lambda *a: ran.append(1))
     model(torch.randint(0, VOCAB, (1, 8)))
@@ -121,7 +118,7 @@ def test_a_sibling_called_on_another_input_computes_its_own_output(monkeypatch):
     x, y = torch.randn(3, 6), torch.randn(3, 6)
     want = block(x, y)
     assert stack_siblings(block) == 1
-    monkeypatch.setattr(siblings, "stack_forms", lambda x, weights, ranks: True)
+    monkeypatch.setattr(siblings, "stack_pays", lambda x, weights, ranks: True)
     assert torch.allclose(block(x, y), want, atol=1e-6)
     with torch.no_grad():  # no backward to share: each site alone, and nothing held over
         assert torch.allclose(block(x, y), want, atol=1e-6)
@@ -133,11 +130,12 @@ def test_stacking_is_chosen_under_compile_when_the_forward_merges(monkeypatch):
     qkv = [torch.zeros(64, 32), torch.zeros(16, 32), torch.zeros(16, 32)]
     gate_up = [torch.zeros(256, 32)] * 2
     many, few = torch.zeros(100, 32), torch.zeros(20, 32)
-    assert stacked_module.stack_forms(many, qkv, [4] * 3) is None  # eager
+    assert not stacked_module.stack_pays(many, qkv, [4] * 3)  # eager
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert stacked_module.stack_forms(few, qkv, [4] * 3) is None  # 20 tokens < 32 inputs: no forward merge
-    assert stacked_module.stack_forms(many, qkv, [4] * 3) is True  # 96 stacked rows < 3 × 100 tokens
-    assert stacked_module.stack_forms(many, gate_up, [4] * 2) is False  # 512 rows > 2 × 100: add products
+    assert not stacked_module.stack_pays(few, qkv, [4] * 3)  # 20 tokens < 32 inputs: no forward merge
+    assert stacked_module.stack_pays(many, qkv, [4] * 3) and stacked_module.stack_pays(many, gate_up, [4] * 2)
+    monkeypatch.setattr(merge_kernel, "available", lambda weight, rank: rank < 4)
+    assert not stacked_module.stack_pays(many, qkv, [4] * 3)  # no merge kernel for these factors
 
 
 def test_merged_weight_writes_into_a_stack_and_refuses_a_stack_without_room():
@@ -153,8 +151,7 @@ def test_merged_weight_writes_into_a_stack_and_refuses_a_stack_without_room():
 
 
 @CUDA
-@pytest.mark.parametrize("merged_backward", [True, False])
-def test_cuda_stacked_bf16_matches_fp32_reference(merged_backward):
+def test_cuda_stacked_bf16_matches_fp32_reference():
     torch.manual_seed(0)
     k, ns, r = 1024, (1024, 256, 256), 16
     x = torch.randn(2048, k, device="cuda", requires_grad=True)
@@ -166,7 +163,7 @@ def test_cuda_stacked_bf16_matches_fp32_reference(merged_backward):
     def grads(dtype):
         xx = x.detach().to(dtype).requires_grad_()
         fs = [(a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_(), s) for a, b, s in factors]
-        out = torch.cat(stacked_linear(xx, [w.to(dtype) for w in weights], fs, merged_backward), dim=-1)
+        out = torch.cat(stacked_linear(xx, [w.to(dtype) for w in weights], fs), dim=-1)
         out.backward(g.to(dtype))
         return [out, xx.grad] + [t.grad for a, b, _ in fs for t in (a, b)]
 
@@ -205,7 +202,7 @@ def test_cuda_compiled_stack_runs_the_merge_kernel_and_matches_sites_alone(monke
 
 
 def test_compiled_stacked_training_traces_once_and_follows_eager(monkeypatch):
-    monkeypatch.setattr(siblings, "stack_forms", lambda x, weights, ranks: True)
+    monkeypatch.setattr(siblings, "stack_pays", lambda x, weights, ranks: True)
 
     def losses(compiled: bool) -> list[float]:
         torch.manual_seed(0)

@@ -6,7 +6,7 @@ takes the held output only when it is called on the very tensor the leader got, 
 that feeds them different inputs (cross-attention's ``q`` against its ``k, v``) stays
 correct; it just computes the others' share twice. The leader runs the stack only where
 every sibling would take the engine's fused path and the merge pays
-(:func:`..engine.stacked_linear.stack_forms`); otherwise each site runs alone.
+(:func:`..engine.stacked_linear.stack_pays`); otherwise each site runs alone.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..engine.lowrank_linear import fusable_factors
-from ..engine.stacked_linear import stack_forms, stacked_linear
+from ..engine.stacked_linear import stack_pays, stacked_linear
 from .site import Site, iter_sites
 
 # Names of projections that decoder layers call on one input, in the order they call them.
@@ -60,10 +60,9 @@ class SiblingStack:
                 return None
             factors.append(f[0])
             weights.append(base.weight)
-        merged_backward = stack_forms(x, weights, [a.shape[0] for a, _, _ in factors])
-        if merged_backward is None:
+        if not stack_pays(x, weights, [a.shape[0] for a, _, _ in factors]):
             return None
-        return stacked_linear(x, weights, factors, merged_backward)
+        return stacked_linear(x, weights, factors)
 
 
 def stack_siblings(model: nn.Module) -> int:

@@ -11,8 +11,8 @@ forward and the backward apart (:func:`merge_pays`):
   reads the factors in their own dtype, and never kept. No pass over the activations is
   added.
 - unmerged (CPU, eager, few tokens, the wide side of a weight): the deltas are added onto
-  the base product's output in place (``addmm_``), and their input gradient onto the
-  base's ``grad_y W`` the same way.
+  the base product's output in place (:func:`.inplace.addmm_into`, which stays in place
+  when compiled), and their input gradient onto the base's ``grad_y W`` the same way.
 
 The factors' gradients take four thin products either way. Both forms are plain PyTorch
 around the kernel, so they trace under ``torch.compile``.
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import merge_kernel
+from .inplace import addmm_into
 from .merge_kernel import merged_weight
 
 Factors = tuple[torch.Tensor, torch.Tensor, float]
@@ -78,7 +79,7 @@ class LowRankLinear(torch.autograd.Function):
             if ctx.merged_backward:
                 grad_x = g @ merged_weight(weight, a, b, ctx.scale, transposed=True).T
             else:
-                grad_x = (g @ weight).addmm_(g_xa, ca)
+                grad_x = addmm_into(g @ weight, g_xa, ca)
             grad_x = grad_x.reshape(ctx.x_shape)
         grad_a = g_xa.T @ flat if wants_a else None
         grad_b = None
@@ -140,7 +141,7 @@ def _on_activations(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """(``flat Wᵀ + b + (flat Aᵀ) (sB)ᵀ``, ``flat Aᵀ``): the deltas added onto the base
     product's output in place, for factors in ``flat``'s dtype (:func:`_cast`)."""
     xa = flat @ a.T
-    return F.linear(flat, weight, bias).addmm_(xa, sb.T), xa
+    return addmm_into(F.linear(flat, weight, bias), xa, sb.T), xa
 
 
 def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

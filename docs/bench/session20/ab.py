@@ -9,7 +9,9 @@
 - ``+combo``: inductor's combo kernels (``combo_kernels``): independent small kernels of a graph,
   such as the factors' casts, share one launch (session 21).
 - ``+stack``: sibling sites (``q, k, v``; ``gate, up``) run stacked (session 22,
-  ``leantune.core.siblings.stack_siblings``).
+  ``leantune.core.siblings.stack_siblings``; session 23 gave each sibling its own output);
+- ``+copy``: the deltas' in-place adds trace as out-of-place ``addmm`` again, which copies
+  their output first (before session 23's ``leantune.engine.inplace``).
 
 CUDA graphs need no flag: they are the bench's ``_compile_cg`` suffix, and flags follow it. Session 22's plan (3B, one process)::
 
@@ -28,6 +30,9 @@ import leantune as lt
 from leantune.bench import speed
 from leantune.core.siblings import stack_siblings
 
+# the modules, which the package's names for their functions shadow
+lowrank_module, stacked_module = sys.modules["leantune.engine.lowrank_linear"], sys.modules["leantune.engine.stacked_linear"]
+
 sys.path.insert(0, str(Path(__file__).parent))
 import factor_grads  # noqa: E402  (the experiment's kernel, beside this file)
 
@@ -35,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "session21"))
 import keep_merged  # noqa: E402  (session 21's experiment)
 
 FLAGS = {"+fg": ", fused factor gradients", "+cpp": ", C++ wrapper",
-         "+keep": ", merged weight kept", "+combo": ", combo kernels", "+stack": ", siblings stacked"}
+         "+keep": ", merged weight kept", "+combo": ", combo kernels", "+stack": ", siblings stacked",
+         "+copy": ", copying addmm"}
 
 
 def split_flags(label: str) -> tuple[str, list[str]]:
@@ -66,6 +72,10 @@ def run_mode(label: str, *args, **kwargs) -> dict:
     adapt = lt.adapt
     if "+stack" in flags:
         lt.adapt = lambda model, *a, **k: (adapt(model, *a, **k), stack_siblings(model))[0]
+    in_place = lowrank_module.addmm_into
+    if "+copy" in flags:
+        for module in (lowrank_module, stacked_module):
+            module.addmm_into = _copying_addmm
     try:
         with torch._inductor.config.patch(cpp_wrapper="+cpp" in flags, combo_kernels="+combo" in flags):
             res = _plain_run_mode(mode, *args, **kwargs)
@@ -73,8 +83,14 @@ def run_mode(label: str, *args, **kwargs) -> dict:
         lowrank.backward = staticmethod(factor_grads._original_backward)
         keep_merged.switch(False)
         lt.adapt = adapt
+        for module in (lowrank_module, stacked_module):
+            module.addmm_into = in_place
     res["mode"], res["name"] = label, res["name"] + "".join(FLAGS[f] for f in flags)
     return res
+
+
+def _copying_addmm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return out.addmm_(a, b)
 
 
 _plain_run_mode, _plain_rival_pairs = speed.run_mode, speed.rival_pairs

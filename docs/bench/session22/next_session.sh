@@ -8,7 +8,7 @@
 #   sleep 500; bash docs/bench/session22/next_session.sh collect
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
-out=/tmp/s23
+out=${out:-/tmp/s23}  # session 23's plan collects through this script with its own folder
 if [ "${1:-}" = collect ]; then  # the modes measured so far, and copies under $OUT
     tail -n 3 "$out"/pytest.log 2>/dev/null
     grep -ah '^{"mode' "$out"/*.log | cut -c1-330
